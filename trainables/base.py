@@ -1,0 +1,94 @@
+"""The contract every trainable follows (DomainBed's `update(batch) -> dict` / `predict(x)`).
+
+A trainable owns one network, its optimiser and its loss. The training loop (written once, in
+`orchestrator/train_loop.py`) only ever calls:
+
+    t = Cls(hparams, info, epochs)          # hparams: overrides of Cls.HPARAMS; info: trainables.data.DataInfo
+    # batches of t.hparams["batch_size"] examples
+    for epoch in range(epochs):
+        for x, y, d in loader:              # x in [0,1] pixel space, y class, d training-domain index
+            metrics = t.update(x, y, d)     # one optimisation step -> {"loss": ..., ...}
+        metrics = t.end_epoch(epoch)        # schedules, learnt-λ trajectories -> dict of floats
+    t.certifier()                           # an object with Smooth's certify/predict/certify_many API
+    t.state_dict() / t.load_state_dict(sd)  # everything needed to resume (model, optimiser, schedule, λ ...)
+
+`self.net` is always the bare network (used for checkpoints and certification); `self.model` is what
+training calls forward on, which the orchestrator may replace by a DDP wrapper of `self.net`
+(`distribute`). Normalisation is the network's first layer, so noise and radii live in [0,1] pixel space.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from trainables.data import DataInfo
+from trainables.hparams import HParam, resolve
+
+
+class Trainable:
+    NAME: ClassVar[str] = ""
+    HPARAMS: ClassVar[dict[str, HParam]] = {}
+    DEFAULT_DATASET: ClassVar[str] = "mnist"
+    #: datasets this method is defined on; others are rejected with a clear message at construction
+    DATASETS: ClassVar[tuple[str, ...]] = ("mnist", "cmnist", "cifar10", "celeba", "domainnet")
+
+    def __init__(self, hparams: Mapping[str, Any] | None, info: DataInfo, epochs: int = 1,
+                 device: str | torch.device = "cpu"):
+        """`epochs` is the run's total, so schedules (lr decay, ε warm-up) can scale with the budget."""
+        self.hparams = resolve(self.HPARAMS, hparams, owner=self.NAME)
+        self.epochs = int(epochs)
+        if info.name not in self.DATASETS:
+            raise ValueError(f"{self.NAME} is not defined on dataset {info.name!r}; "
+                             f"use one of {', '.join(self.DATASETS)}")
+        self.info = info
+        self.device = torch.device(device)
+        self.net: nn.Module = self.build_net().to(self.device)
+        self.model: nn.Module = self.net
+        self.optimizer = self.build_optimizer()
+        self.step = 0
+
+    # --- to override -------------------------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; returns scalar metrics (at least "loss")."""
+        raise NotImplementedError
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Called after every epoch (learning-rate schedule, learnt-λ trajectory ...)."""
+        return {}
+
+    @property
+    def sigma(self) -> float:
+        return float(self.hparams["sigma"])
+
+    def certifier(self, sigma: float | None = None):
+        """The smoothed classifier that certification uses (input-space Gaussian smoothing by default)."""
+        from trainables.smoothing import Smooth
+        return Smooth(self.net, self.info.num_classes, self.sigma if sigma is None else sigma)
+
+    # --- shared --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the base classifier, [B, C] for x of shape [B, *input_shape]."""
+        self.net.eval()
+        return self.net(x.to(self.device))
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Let the orchestrator wrap the network (e.g. `ray.train.torch.prepare_model` -> DDP)."""
+        self.model = wrap(self.net)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state.get("step", 0))
