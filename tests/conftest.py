@@ -1,0 +1,25 @@
+"""Shared fixtures: one real local Ray for the whole session, a real MLflow sqlite store per test."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, started once for the session (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    """A real MLflow store: sqlite in a temporary directory (absolute URI, as Ray workers need)."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
