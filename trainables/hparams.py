@@ -43,6 +43,9 @@ _CHECKS = {
     "in (0, 1)": lambda v: 0 < v < 1,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
+    # default None = "derived from another hyperparameter" (e.g. MACER's lambda from sigma), resolved by the trainable
+    ">= 0 or None": lambda v: v is None or v >= 0,
+    ">= 1 or None": lambda v: v is None or v >= 1,
 }
 
 

