@@ -1,44 +1,85 @@
 """`--budget smoke|quick|paper`: the one table of how much work a run does.
 
-(Initial numbers; the orchestrator issue tunes `quick` so that `python -m orchestrator.sweep glean` finishes
-in <= 10 minutes on a 2-core CPU.)
+Every number a run's cost depends on lives here: epochs, data size, how often the search evaluates (ASHA's
+rungs), and the certification settings of the search (validation ACR) and of the final test certification.
+
+Epochs are per dataset, with optional per-trainable entries "trainable/dataset" where a method counts its
+epochs differently: GLEAN trains full-batch (one optimisation step per epoch, as the IRM reference), so its
+epochs are steps and it needs a few hundred of them, while an SGD baseline on the same data makes ~16 steps per
+epoch.
+
+`quick` (the default) is sized so that `python -m orchestrator.sweep glean` finishes in <= 10 minutes on a
+2-core CPU with no data root (the 5,000-digit MNIST sample); the measured wall time is in
+benchmarks/RESULTS.md. Its choices, stated:
+- GLEAN on cmnist: 250 full-batch steps (the IRM reference anneals the penalty for 190 of its 501 steps; the
+  search range of `anneal_steps` is 0-300, so a trial with anneal_steps > 250 trains without the full penalty
+  -- the search sees that and learns to avoid it); validation ACR after steps 62, 125, 250 (ASHA's rungs),
+  certified with n = 1,000 on 200 validation examples; 6 trials, 2 at a time.
+- final test certification: n = 10,000, n0 = 100, alpha = 0.001 on 500 test examples spread evenly over the
+  test split (Cohen's `--skip`).
+`paper` is the papers' budget (GPU): DRF's 90 MNIST / 150 CIFAR-10 epochs, the IRM reference's 501 steps,
+certification at n = 100,000 on the whole test split.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from trainables.smoothing import N, N0
+from trainables.smoothing import ALPHA, N, N0
 
 
 @dataclass(frozen=True)
 class Budget:
     name: str
-    epochs: Mapping[str, int]            # training epochs per dataset
+    epochs: Mapping[str, int]            # training epochs per dataset, or per "trainable/dataset"
     max_train: int | None                # training examples used (None: the whole split)
-    max_val: int | None                  # validation examples available to the search
+    max_val: int | None                  # validation examples loaded (None: the whole split)
+    evals: int                           # validation-ACR evaluations per trial (ASHA's rungs), the last at the end
     search_n0: int                       # certification during the search (validation ACR)
     search_n: int
-    search_examples: int
+    search_examples: int                 # validation examples certified per evaluation
     final_n0: int                        # final certification of the selected model on the test split
     final_n: int
     final_examples: int | None           # None: the whole test split
     trials: int                          # default number of sweep trials
+    alpha: float = ALPHA
+    cert_batch: int = 1000               # noise samples per forward pass when certifying
     description: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def epochs_for(self, trainable: str, dataset: str) -> int:
+        """Epochs of `trainable` on `dataset`: a "trainable/dataset" entry wins over the dataset's."""
+        key = f"{trainable}/{dataset}"
+        if key in self.epochs:
+            return int(self.epochs[key])
+        if dataset in self.epochs:
+            return int(self.epochs[dataset])
+        raise ValueError(f"budget {self.name!r} has no epochs for dataset {dataset!r}")
+
+    def eval_epochs(self, epochs: int) -> tuple[int, ...]:
+        """The epochs (1-based counts of finished epochs) after which validation ACR is computed and reported.
+
+        `evals` points halving back from the end, epochs/2^(k-1), ..., epochs/2, epochs: ASHA (reduction
+        factor 2, grace period the first point) compares trials at these rungs, and every trial that runs to
+        the end reports its final validation ACR.
+        """
+        k = max(1, min(self.evals, epochs))
+        return tuple(sorted({max(1, epochs // 2 ** (k - 1 - i)) for i in range(k)}))
+
 
 BUDGETS: dict[str, Budget] = {
-    "smoke": Budget("smoke", epochs={"mnist": 1, "cmnist": 2, "cifar10": 1, "celeba": 1, "domainnet": 1},
-                    max_train=512, max_val=64, search_n0=10, search_n=100, search_examples=16,
-                    final_n0=10, final_n=200, final_examples=32, trials=2,
+    "smoke": Budget("smoke", epochs={"mnist": 1, "cmnist": 2, "cifar10": 1, "celeba": 1, "domainnet": 1,
+                                     "glean/cmnist": 5},
+                    max_train=256, max_val=64, evals=1, search_n0=8, search_n=64, search_examples=8,
+                    final_n0=8, final_n=100, final_examples=16, trials=2, cert_batch=64,
                     description="seconds per trial: checks that everything runs, numbers mean nothing"),
-    "quick": Budget("quick", epochs={"mnist": 3, "cmnist": 100, "cifar10": 1, "celeba": 2, "domainnet": 2},
-                    max_train=4000, max_val=500, search_n0=100, search_n=1000, search_examples=100,
-                    final_n0=N0, final_n=10_000, final_examples=500, trials=8,
-                    description="<= 10 minutes on a 2-core CPU"),
+    "quick": Budget("quick", epochs={"mnist": 2, "cmnist": 10, "cifar10": 1, "celeba": 2, "domainnet": 2,
+                                     "glean/cmnist": 250},
+                    max_train=4000, max_val=500, evals=3, search_n0=100, search_n=1000, search_examples=200,
+                    final_n0=N0, final_n=10_000, final_examples=500, trials=6,
+                    description="<= 10 minutes on a 2-core CPU for `python -m orchestrator.sweep glean`"),
     "paper": Budget("paper", epochs={"mnist": 90, "cmnist": 501, "cifar10": 150, "celeba": 30, "domainnet": 30},
-                    max_train=None, max_val=None, search_n0=N0, search_n=10_000, search_examples=500,
+                    max_train=None, max_val=None, evals=4, search_n0=N0, search_n=10_000, search_examples=500,
                     final_n0=N0, final_n=N, final_examples=None, trials=32,
                     description="the papers' budget (GPU)"),
 }

@@ -10,6 +10,8 @@ A training run (from `orchestrator.train` or one sweep trial) logs
 """
 from __future__ import annotations
 
+import re
+
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 CERT_DIR = "certification"
 
@@ -22,9 +24,22 @@ TAG_SELECTION = "selection"     # "train-domain" | "oracle": which split chose t
 TAG_DATA_SOURCE = "data_source"
 TAG_GIT_COMMIT = "git_commit"
 TAG_SEED = "seed"
+TAG_SWEEP = "sweep"             # on a sweep's parent run and its trials: the sweep's directory name
+TAG_TUNE_TRIAL = "tune_trial_id"  # on a trial run: Ray Tune's trial id (a resumed trial reuses its run)
+TAG_STOPPED_EARLY = "stopped_early"  # "true" on a trial ASHA stopped before its last epoch
+TAG_ERROR = "error"             # the exception of a failed run, one line
+TAG_SELECTED = "selected"       # "true" on the trial a sweep selected
 
 VAL_ACR = "val_acr"             # the search objective (validation ACR at the budget's search n)
-VAL_CLEAN_ACC = "val_clean_acc"
+VAL_CLEAN_ACC = "val_clean_acc"  # certified accuracy at radius 0 on the same validation examples
+EPOCH = "epoch"                 # finished epochs, reported explicitly (ASHA's time_attr; Tune's counter restarts)
+TEST_PREFIX = "test_"           # metrics of the final test certification: test_acr, test_certacc_r0.25, ...
+
+
+def metric_name(key: str) -> str:
+    """A metric key as MLflow stores it: MLflow allows only alphanumerics, `_ - . : /` and spaces, so any other
+    character becomes "_" (a safety net: trainables.metrics already names certified accuracy `certacc_r0.25`)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key)
 
 
 def cert_tsv_artifact(split: str) -> str:

@@ -1,0 +1,317 @@
+"""The one training loop, for every trainable and every way it runs.
+
+`run_training(cfg, data, session)` trains `cfg.trainable` for `cfg.epochs` epochs and, after each epoch in
+`cfg.eval_epochs`, certifies the selection examples (the validation split, or the oracle's test-domain
+hold-out) with the search settings and reports {epoch, val_acr, val_clean_acc} with a checkpoint. The
+`session` says where it runs:
+
+- LocalSession: in this process, no Ray (`orchestrator.train` with one worker; the benchmark's direct call).
+- TuneSession: directly inside a Ray Tune trial (one worker per trial; the sweep's default): `tune.report`.
+- TrainSession: inside a Ray Train worker of a `TorchTrainer` (`--workers N >= 2`, DDP over gloo/NCCL):
+  `ray.train.report` from every rank, the checkpoint and the MLflow logging from rank 0, the training data
+  sharded by rank, the network wrapped by `ray.train.torch.prepare_model`. Inside a sweep the trainer's
+  reports reach Tune through TuneReportCallback.
+
+Checkpoints are directories holding `model.pt` written by trainables.checkpoint.save (self-describing: the
+certify CLI can load it); they go through the Ray checkpoint API and are read back on resume by
+`session.get_checkpoint()`, which restarts at the saved epoch.
+
+Guarantees: the batch order of epoch e is a permutation drawn from a generator seeded by (seed, e), so a run
+resumed from a checkpoint at epoch e trains on the same batches as an uninterrupted one; the validation
+certificate of example i uses noise seeded by (seed, i) (certify_many), so every trial and every rung is scored
+on the same noise. The final report is made after all the final logging (checkpoint artifact, validation TSV
+and plot), because a trial that the scheduler stops at its last report never runs code after it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from orchestrator import tracking
+from trainables.data import DataInfo
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass
+class LoopConfig:
+    """What to train and how to score it (plain data: pickled to Ray trials and workers)."""
+
+    trainable: str
+    hparams: dict[str, Any]
+    epochs: int
+    eval_epochs: tuple[int, ...]          # finished-epoch counts after which to certify and report
+    seed: int = 0
+    selection: str = "train-domain"       # which examples score the model: "train-domain" | "oracle"
+    n0: int = 100                         # certification of the selection examples (the search settings)
+    n: int = 1000
+    alpha: float = 0.001
+    cert_batch: int = 1000
+    tracking_uri: str | None = None       # MLflow: per-epoch metrics and final artifacts go to run_id
+    run_id: str | None = None
+    device: str = "cpu"
+    report_extra: dict[str, Any] = field(default_factory=dict)   # added to every report (e.g. the MLflow run id)
+
+
+@dataclass
+class LoopData:
+    """The training split and the selection examples: `sel_x` [k, *input_shape] in [0,1], `sel_y` [k],
+    `sel_idx` their indices in their split (certify_many seeds example i's noise by (seed, i))."""
+
+    info: DataInfo
+    train: Any                             # a map-style dataset yielding (x, y, d)
+    sel_x: torch.Tensor
+    sel_y: torch.Tensor
+    sel_idx: list[int]
+    sel_split: str = "val"
+
+
+# --- where the loop runs --------------------------------------------------------------------------------------
+class LocalSession:
+    """No Ray: reports are kept in memory, checkpoints copied to `checkpoint_dir`."""
+
+    rank, world = 0, 1
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False):
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.resume = resume
+        self.reports: list[dict[str, Any]] = []
+
+    def get_checkpoint(self):
+        from ray.train import Checkpoint
+
+        if self.resume and self.checkpoint_dir and (self.checkpoint_dir / CHECKPOINT_FILE).exists():
+            return Checkpoint.from_directory(str(self.checkpoint_dir))
+        return None
+
+    def wrap(self, net):
+        return net
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir and self.checkpoint_dir:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint_dir / f".tmp-{CHECKPOINT_FILE}"
+            shutil.copy2(Path(checkpoint_dir) / CHECKPOINT_FILE, tmp)
+            os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: never a half-written checkpoint
+
+
+class TuneSession:
+    """Directly inside a Ray Tune function trial."""
+
+    rank, world = 0, 1
+
+    def get_checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def wrap(self, net):
+        return net
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+class TrainSession:
+    """Inside a Ray Train worker (TorchTrainer): every rank reports, rank 0 attaches the checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def wrap(self, net):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net) if self.world > 1 else net
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir and self.rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+def _tensors(ds) -> tuple[torch.Tensor, ...] | None:
+    """(x, y, d) tensors of an in-memory split (trainables.data.TensorSplit, a TensorDataset or a Subset of
+    one) without going example by example; None for other datasets."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if all(hasattr(ds, a) for a in ("images", "labels", "domains")):      # trainables.data.TensorSplit
+        x = ds.images
+        return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), ds.labels, ds.domains
+    if isinstance(ds, TensorDataset):
+        return tuple(ds.tensors)
+    if isinstance(ds, Subset):
+        inner = _tensors(ds.dataset)
+        if inner is not None:
+            idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+            return tuple(t[idx] for t in inner)
+    return None
+
+
+def materialize(ds, limit_bytes: int = 2 << 30) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The whole split as (x, y, d) tensors when it fits in `limit_bytes`; None for a large image folder."""
+    t = _tensors(ds)
+    if t is None:
+        if len(ds) == 0:
+            raise ValueError("the training split is empty")
+        x0 = torch.as_tensor(ds[0][0])
+        if x0.numel() * 4 * len(ds) > limit_bytes:
+            return None
+        items = [ds[i] for i in range(len(ds))]
+        t = (torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items]),
+             torch.as_tensor([int(it[1]) for it in items]),
+             torch.as_tensor([int(it[2]) if len(it) > 2 else 0 for it in items]))
+    x, y = t[0], t[1]
+    d = t[2] if len(t) > 2 else torch.zeros(len(y), dtype=torch.long)
+    return x.float(), y.long(), d.long()
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+                  ) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch: a permutation seeded by (seed, epoch), rank r taking positions r::world
+    (DistributedSampler's sharding, padded so every rank makes the same number of steps: DDP needs that)."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFFFFFFFFFF)
+    perm = torch.randperm(n, generator=g)
+    if world > 1:
+        per_rank = -(-n // world)
+        perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
+    batch_size = max(1, min(int(batch_size), len(perm)))
+    for i in range(0, len(perm), batch_size):
+        yield perm[i:i + batch_size]
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+def certify_selection(trainable, data: LoopData, cfg: LoopConfig):
+    """Certified rows of the selection examples with the search settings (objective of the search)."""
+    return trainable.certifier().certify_many(data.sel_x, data.sel_y.tolist(), data.sel_idx, n0=cfg.n0, n=cfg.n,
+                                              alpha=cfg.alpha, batch_size=cfg.cert_batch, seed=cfg.seed)
+
+
+def selection_metrics(rows) -> dict[str, float]:
+    """val_acr and val_clean_acc (certified accuracy at radius 0) of certified rows."""
+    from trainables import metrics as M
+
+    return {tracking.VAL_ACR: float(M.acr(rows)),
+            tracking.VAL_CLEAN_ACC: float(M.certified_accuracy(rows, (0.0,))[0.0])}
+
+
+def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
+    """Train, evaluate at cfg.eval_epochs and report (see the module docstring). Returns the last report."""
+    from trainables import checkpoint as ckpt_io
+    from trainables.registry import get_trainable
+
+    rank0 = session.rank == 0
+    torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (DDP also broadcasts)
+    cls = get_trainable(cfg.trainable)
+    trainable = cls(cfg.hparams, data.info, epochs=cfg.epochs, device=cfg.device)
+    start = 0
+    restored = session.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            blob = ckpt_io.read(Path(d) / CHECKPOINT_FILE)
+        trainable.load_state_dict(blob["state"])
+        start = int(blob["epoch"])
+    trainable.distribute(session.wrap)
+
+    mlflow = None
+    if rank0 and cfg.tracking_uri and cfg.run_id:
+        from orchestrator import mlflow_utils
+        mlflow = mlflow_utils.client(cfg.tracking_uri)
+
+    tensors = materialize(data.train)
+    n_train = len(tensors[1]) if tensors is not None else len(data.train)
+    batch_size = int(trainable.hparams.get("batch_size", 256))
+    history: list[tuple[int, dict[str, float]]] = []
+    last: dict[str, Any] = {}
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for idx in epoch_batches(n_train, batch_size, cfg.seed, epoch, session.rank, session.world):
+            if tensors is not None:
+                x, y, d = (t[idx] for t in tensors)
+            else:
+                from torch.utils.data import default_collate
+                x, y, d = default_collate([data.train[int(i)] for i in idx])[:3]
+            for k, v in trainable.update(x, y, d).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+        epoch_metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        epoch_metrics.update({k: float(v) for k, v in trainable.end_epoch(epoch).items()})
+        epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        done = epoch + 1
+        history.append((done, epoch_metrics))
+        if done not in cfg.eval_epochs and done != cfg.epochs:
+            continue
+
+        report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
+                                  **{f"train_{k}": v for k, v in epoch_metrics.items()}}
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            if rank0:
+                rows = certify_selection(trainable, data, cfg)
+                report.update(selection_metrics(rows))
+                ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
+                             extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
+                if mlflow is not None:
+                    from orchestrator import mlflow_utils
+                    mlflow_utils.log_metric_history(mlflow, cfg.run_id, history)
+                    mlflow_utils.log_metrics(mlflow, cfg.run_id, {k: report[k] for k in
+                                             (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC, "world_size")}, step=done)
+                    if done == cfg.epochs:   # final logging before the final report (see module docstring)
+                        _log_final(mlflow, cfg, data, rows, Path(tmp) / CHECKPOINT_FILE)
+                history = []
+            last = report
+            session.report(report, tmp)
+    return last
+
+
+def _log_final(mlflow, cfg: LoopConfig, data: LoopData, rows, checkpoint_path: Path) -> None:
+    from orchestrator import mlflow_utils
+    from trainables.metrics import RADII_BY_DATASET
+
+    mlflow_utils.log_file(mlflow, cfg.run_id, checkpoint_path, tracking.CHECKPOINT_ARTIFACT)
+    radii = RADII_BY_DATASET.get(data.info.name, (0.0,))
+    mlflow_utils.log_certification(mlflow, cfg.run_id, rows, data.sel_split, radii,
+                                   prefix=f"{data.sel_split}_", title=f"{cfg.trainable} ({data.sel_split})")
+
+
+# --- Ray entry points (module-level functions: picklable) ------------------------------------------------------
+def train_worker(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of a TorchTrainer: config = {"cfg": LoopConfig, "data": LoopData or ObjectRef}."""
+    import ray
+
+    data = config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    run_training(config["cfg"], data, TrainSession())
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line: the exception type and message, plus the innermost frame of the project's code."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages" not in f.filename]
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+__all__ = ["LoopConfig", "LoopData", "LocalSession", "TuneSession", "TrainSession", "run_training",
+           "train_worker", "materialize", "epoch_batches", "describe_exception", "CHECKPOINT_FILE"]

@@ -1,0 +1,194 @@
+"""`orchestrator.sweep`: real Ray Tune + Optuna sweeps logging to a real MLflow sqlite store.
+
+- a smoke sweep (1 trial, smoke budget) for every registered trainable, in-process on the session's Ray;
+- a crashing trial is recorded FAILED and the sweep goes on;
+- a driver SIGKILLed mid-sweep, then `--resume`: every trial once in MLflow, none lost, none RUNNING;
+- bad input: one line on stderr, exit code 2, nothing written.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from orchestrator import sweep, tracking
+from orchestrator.cli_common import run_main
+from trainables import checkpoint as ckpt_io
+from trainables import metrics as M
+from trainables.registry import TRAINABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--budget", "smoke", "--trials", "1"]
+
+
+def _runs(uri: str) -> list:
+    cl = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in cl.search_experiments()]
+    return cl.search_runs(ids, max_results=1000) if ids else []
+
+
+def _by_role(runs, role):
+    return [r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == role]
+
+
+@pytest.mark.parametrize("name", list(TRAINABLES))
+def test_smoke_sweep_every_trainable(name, ray_local, mlflow_uri, tmp_path, capsys):
+    rc = sweep.main([name, *SMOKE, "--tracking-uri", mlflow_uri, "--storage", str(tmp_path / "ray")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test ACR" in out and "validation ACR" in out and f"mlflow ui --backend-store-uri {mlflow_uri}" in out
+
+    runs = _runs(mlflow_uri)
+    (parent,) = _by_role(runs, "sweep")
+    (trial,) = _by_role(runs, "trial")
+    assert parent.info.status == "FINISHED" and trial.info.status == "FINISHED"
+    assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert trial.data.tags[tracking.TAG_TRAINABLE] == name and trial.data.tags[tracking.TAG_SELECTED] == "true"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.tags[tracking.TAG_GIT_COMMIT]
+    assert tracking.VAL_ACR in trial.data.metrics and "loss" in trial.data.metrics
+
+    # the logged test ACR is the one recomputed from the logged TSV; the checkpoint artifact loads
+    cl = mlflow.MlflowClient(mlflow_uri)
+    tsv = cl.download_artifacts(trial.info.run_id, tracking.cert_tsv_artifact("test"), str(tmp_path))
+    assert trial.data.metrics["test_acr"] == pytest.approx(M.acr(M.read_tsv(tsv)))
+    assert parent.data.metrics["test_acr"] == trial.data.metrics["test_acr"]
+    path = cl.download_artifacts(trial.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(tmp_path))
+    trainable, blob = ckpt_io.load(path)
+    assert trainable.NAME == name and blob["epoch"] >= 1
+    for key, value in blob["hparams"].items():
+        assert trial.data.params[key] == str(value)
+
+
+def test_two_objectives_oracle_selection_and_a_space_choosing_the_trainable(ray_local, mlflow_uri, tmp_path, capsys):
+    rc = sweep.main(["drf", "--budget", "smoke", "--trials", "2", "--objectives", "acr,clean_acc", "--sampler",
+                     "nsga2", "--select", "oracle", "--tracking-uri", mlflow_uri, "--storage", str(tmp_path / "ray")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Pareto front (acr, clean_acc)" in out and "oracle selection" in out and "test minus holdout" in out
+    runs = _runs(mlflow_uri)
+    (parent,) = _by_role(runs, "sweep")
+    trials = _by_role(runs, "trial")
+    assert parent.data.params["selection"] == "oracle" and parent.data.params["sampler"] == "nsga2"
+    assert {r.data.tags[tracking.TAG_TRAINABLE] for r in trials} <= {"drf-smoothadv", "drf-consistency"}
+    assert all(r.data.tags[tracking.TAG_SELECTION] == "oracle" for r in trials)
+    assert all("test_holdout_acr" in r.data.metrics for r in trials)  # scored on the test-domain hold-out
+    assert "pareto_front.tsv" in [a.path for a in mlflow.MlflowClient(mlflow_uri).list_artifacts(parent.info.run_id)]
+    assert parent.data.params["best.trainable"] == f"drf-{parent.data.params['best.variant']}"
+
+
+def test_crashing_trial_is_recorded_and_the_sweep_goes_on(ray_local, mlflow_uri, tmp_path, capsys):
+    # arch is a free string: "bogus" passes validation and fails when the trial builds its network
+    rc = sweep.main(["gaussian", "--budget", "smoke", "--trials", "4", "--seed", "3", "--space", "arch=bogus,lenet",
+                     "--set", "sigma=0.25", "--tracking-uri", mlflow_uri, "--storage", str(tmp_path / "ray")])
+    trials = _by_role(_runs(mlflow_uri), "trial")
+    assert len(trials) == 4
+    assert all(r.info.status in ("FINISHED", "FAILED") for r in trials)
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert failed and finished, "seed 3 samples both architectures (Optuna's seeded TPE)"
+    assert all("unknown architecture" in r.data.tags[tracking.TAG_ERROR] for r in failed)
+    assert rc == 0 and all(r.data.params["arch"] == "lenet" for r in finished)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (the killed driver's Ray daemons live there)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    for _ in range(20):
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+def test_resume_after_killed_driver(mlflow_uri, tmp_path):
+    storage = tmp_path / "ray"
+    trials_n = 6
+    args = [sys.executable, "-m", "orchestrator.sweep", "gaussian", "--budget", "smoke", "--trials", str(trials_n),
+            "--concurrency", "1", "--tracking-uri", mlflow_uri, "--storage", str(storage)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill once a trial has reported and Tune has saved its state
+            # sweep.json is written after the driver created the store: reading earlier races its migrations
+            trials = _by_role(_runs(mlflow_uri), "trial") if list(storage.glob("*/sweep.json")) else []
+            if any(tracking.VAL_ACR in r.data.metrics for r in trials) and list(storage.glob("*/experiment_state*")):
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(1)
+        else:
+            pytest.fail("no trial reported within 240 s")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_session(proc.pid)
+    reported = [r for r in _by_role(_runs(mlflow_uri), "trial") if tracking.VAL_ACR in r.data.metrics]
+    assert 1 <= len(reported) < trials_n, "the kill came too late to test anything"
+
+    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test ACR" in done.stdout
+    runs = _runs(mlflow_uri)
+    (parent,) = _by_role(runs, "sweep")
+    trials = _by_role(runs, "trial")
+    ids = [r.data.tags[tracking.TAG_TUNE_TRIAL] for r in trials]
+    assert len(ids) == len(set(ids)) == trials_n, "every trial exactly once in MLflow"
+    assert parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in trials)
+
+    again = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert len(_runs(mlflow_uri)) == len(runs), "a finished sweep is not recomputed"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nosuch"], "unknown sweep name 'nosuch'; valid: glean"),
+    (["glean", "--space", "lam=1e6:10"], "search range of 'lam' is inverted"),
+    (["glean", "--space", "lr=0.01:0.01"], "search range of 'lr' is empty"),
+    (["glean", "--space", "sigma="], "search range is empty"),
+    (["glean", "--set", "sigma=-1"], "sigma must be > 0"),
+    (["glean", "--trials", "0"], "--trials must be >= 1"),
+    (["glean", "--dataset", "mnist"], "glean is not defined on dataset 'mnist'"),
+    (["glean", "--sampler", "cmaes", "--objectives", "acr,clean_acc"], "cmaes optimises one objective"),
+    (["glean", "--resume"], "nothing to resume"),
+    (["glean", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
+    (["gaussian", "--dataset", "cifar10", "--data-root", "/nonexistent/data"], "cifar10"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = run_main(sweep.main, argv + ["--budget", "smoke", "--tracking-uri", uri, "--storage", str(tmp_path / "ray")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_typo_in_a_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["glean", "--trails", "3"])
+    assert exc.value.code == 2 and "--trails" in capsys.readouterr().err
