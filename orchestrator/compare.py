@@ -1,0 +1,475 @@
+"""`python -m orchestrator.compare`: paper-style tables and certified-accuracy plots from what MLflow holds.
+
+    python -m orchestrator.compare [--experiment NAME ...] [--runs ID ...] [--sigma S] [--radii 0,0.25,...]
+        [--split test] [--out DIR] [--tracking-uri URI] [--no-log]
+
+Reads the runs (`mlflow.search_runs` -> pandas) and their certification TSVs (tracking.cert_tsv_artifact),
+and recomputes every number from the TSVs with trainables.metrics.summarize (never from logged metrics, so the
+table cannot disagree with the rows it summarises). Writes to --out (default compare-out/):
+  table.csv   one row per (dataset, trainable, model source, sigma, configuration): certified accuracy at each
+              radius, ACR, clean accuracy, abstain rate (and det_acr / det_certacc_r<r> where the TSVs carry
+              GLEAN's deterministic certificate), <metric>_mean and <metric>_std over the row's runs (seeds),
+              and the runs' ids
+  table.md    the same as a Markdown table ("mean ± std", accuracies in %), with a caption stating the data,
+              the certification settings, the model-selection method and the budget
+  certified_accuracy.png   certified accuracy vs radius, one curve per row (the papers' figure)
+  sweep-<id>-history.png / -importance.png / -pareto.png   for every sweep the compared runs came from:
+              Optuna's optimisation history, parameter importances and (two objectives) Pareto front, from a
+              study rebuilt from the sweep's trial runs
+and logs all of it as artifacts of a new run (tag role=compare) in the experiment "compare" (--no-log: don't).
+Bad input (unknown or empty experiment, unknown run id, runs without certification): one line on stderr,
+exit code 2.
+
+Rows. A sweep's selected trial ("sweep-selected") and a run of `orchestrator.train` ("fixed config") are
+different ways of obtaining a model and are never averaged together. Fixed-config runs of one trainable and
+sigma whose parameters differ (other than the seed) are different configurations: separate rows, told apart by
+a "configuration" column listing the differing parameters. Runs that differ only in their seed are one row:
+mean ± sample standard deviation (ddof=1) over them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from orchestrator import tracking
+
+COMPARE_EXPERIMENT = "compare"
+DEFAULT_OUT = "compare-out"
+#: run params that do not define a configuration: runs differing only in these are seeds of one configuration
+NOT_CONFIG = frozenset({"seed", "data_source", "workers", "git_commit"})
+SOURCE_LABEL = {"sweep": "sweep-selected", "train": "fixed config"}
+
+
+class CompareInputError(ValueError):
+    """Bad input: the CLI prints it on one line and exits with code 2."""
+
+
+@dataclass
+class CertifiedRun:
+    """One run's certification: its identity (from tags, falling back to params) and its TSV rows."""
+
+    run_id: str
+    experiment_id: str
+    source: str                 # "sweep": a sweep's trial (the selected one is certified); "train": otherwise
+    trainable: str
+    dataset: str
+    sigma: float
+    rows: pd.DataFrame
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.tags.get(key) or self.params.get(key) or default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.compare", allow_abbrev=False,
+                                description="Tables and plots of certified accuracy from MLflow runs.")
+    p.add_argument("--experiment", nargs="+", action="extend", default=[], metavar="NAME",
+                   help="MLflow experiment(s) whose certified runs to compare (default: all experiments)")
+    p.add_argument("--runs", nargs="+", action="extend", default=[], metavar="ID", help="run ids to compare")
+    p.add_argument("--sigma", type=float, default=None, help="only runs with this σ")
+    p.add_argument("--radii", default=None,
+                   help="comma-separated radius grid (default: the dataset's, metrics.RADII_BY_DATASET)")
+    p.add_argument("--split", default="test", help="certified split to compare (default: test)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
+    return p
+
+
+def parse_radii(text: str) -> tuple[float, ...]:
+    try:
+        radii = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise CompareInputError(f"--radii must be comma-separated numbers, got {text!r}") from None
+    if not radii or any(r < 0 or not math.isfinite(r) for r in radii):
+        raise CompareInputError(f"--radii must be non-negative numbers, got {text!r}")
+    return tuple(sorted(set(radii)))
+
+
+# --- reading MLflow -----------------------------------------------------------------------------------------
+def find_runs(client, experiments: Sequence[str], run_ids: Sequence[str]) -> pd.DataFrame:
+    """The candidate runs as `mlflow.search_runs` rows; CompareInputError for unknown names/ids or no runs."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    frames = []
+    for name in experiments:
+        if client.get_experiment_by_name(name) is None:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise CompareInputError(f"unknown experiment {name!r} (experiments: {known})")
+    if experiments:
+        runs = mlflow.search_runs(experiment_names=list(experiments), output_format="pandas")
+        if runs.empty:
+            raise CompareInputError(f"experiment(s) {', '.join(experiments)} hold no runs; train and certify "
+                                    "first (python -m orchestrator.train / sweep / certify)")
+        frames.append(runs)
+    for run_id in run_ids:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise CompareInputError(f"unknown run id {run_id!r} in {client.tracking_uri}") from None
+        frames.append(mlflow.search_runs(search_all_experiments=True, output_format="pandas",
+                                         filter_string=f"attributes.run_id = '{run_id}'"))
+    if not frames:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
+        if runs.empty:
+            raise CompareInputError(f"no runs in {client.tracking_uri}; give --tracking-uri or train first")
+        frames.append(runs)
+    runs = pd.concat(frames, ignore_index=True).drop_duplicates("run_id")
+    if f"tags.{tracking.TAG_ROLE}" in runs:
+        runs = runs[runs[f"tags.{tracking.TAG_ROLE}"].fillna("") != "compare"]
+    return runs.reset_index(drop=True)
+
+
+def _columns(row: pd.Series, prefix: str) -> dict[str, str]:
+    return {k[len(prefix):]: v for k, v in row.items()
+            if k.startswith(prefix) and isinstance(v, str) and v != ""}
+
+
+def load_certified(client, runs: pd.DataFrame, split: str,
+                   explicit: Sequence[str] = ()) -> list[CertifiedRun]:
+    """Download every run's certification TSV. Runs named explicitly (--runs) must have one; others without
+    one (sweep trials that were not selected, a sweep's parent) are skipped."""
+    from trainables.metrics import read_tsv
+
+    tsv_name = tracking.cert_tsv_artifact(split)
+    hint = f"certify them first (python -m orchestrator.certify --run-id ID --split {split})"
+    out, missing = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _, row in runs.iterrows():
+            run_id = row["run_id"]
+            if tsv_name not in {f.path for f in client.list_artifacts(run_id, tracking.CERT_DIR)}:
+                missing.append(run_id)
+                continue
+            local = client.download_artifacts(run_id, tsv_name, dst_path=str(Path(tmp) / run_id))
+            tags, params = _columns(row, "tags."), _columns(row, "params.")
+            out.append(CertifiedRun(
+                run_id=run_id, experiment_id=str(row["experiment_id"]),
+                source="sweep" if tags.get(tracking.TAG_ROLE) == "trial" else "train",
+                trainable=tags.get(tracking.TAG_TRAINABLE) or params.get("trainable") or "?",
+                dataset=tags.get(tracking.TAG_DATASET) or params.get("dataset") or "?",
+                sigma=float(tags.get(tracking.TAG_SIGMA) or params.get("sigma") or "nan"),
+                rows=read_tsv(local), tags=tags, params=params))
+    bad = [r for r in explicit if r in missing]
+    if bad:
+        raise CompareInputError(f"run(s) {', '.join(bad)} have no {tsv_name} artifact: {hint}")
+    if not out:
+        raise CompareInputError(f"none of the {len(runs)} run(s) has a {tsv_name} artifact: {hint}")
+    return out
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+def _config_labels(certified: list[CertifiedRun]) -> list[str]:
+    """Per run, the parameters that tell its configuration apart from the other fixed-config runs of the same
+    trainable and sigma ("" when there is one configuration, and for sweep-selected runs, whose configuration
+    the sweep chose): runs with equal labels are seeds of one configuration."""
+    params = [{k: v for k, v in c.params.items() if k not in NOT_CONFIG} if c.source == "train" else {}
+              for c in certified]
+    labels = []
+    for c, p in zip(certified, params):
+        key = (c.dataset, c.trainable, c.source, c.sigma)
+        peers = [q for d, q in zip(certified, params) if (d.dataset, d.trainable, d.source, d.sigma) == key]
+        varying = sorted(k for k in set().union(*peers) if len({q.get(k) for q in peers}) > 1)
+        labels.append(", ".join(f"{k}={p.get(k, '-')}" for k in varying))
+    return labels
+
+
+def build_table(certified: list[CertifiedRun], radii: Sequence[float]) -> pd.DataFrame:
+    """One row per (dataset, trainable, source, sigma, config) (see the module docstring): runs, examples,
+    <metric>_mean and <metric>_std for every metric of trainables.metrics.summarize (std NaN for one run,
+    else the sample standard deviation over the runs), seeds and run_ids."""
+    from trainables.metrics import summarize
+
+    keys = ["dataset", "trainable", "source", "sigma", "config"]
+    per_run = pd.DataFrame.from_records([
+        {"dataset": c.dataset, "trainable": c.trainable, "source": c.source, "sigma": c.sigma,
+         "config": label, "run_id": c.run_id, "seed": c.get(tracking.TAG_SEED), "examples": len(c.rows),
+         **summarize(c.rows, radii)}
+        for c, label in zip(certified, _config_labels(certified))])
+    metric_cols = [c for c in per_run.columns if c not in (*keys, "run_id", "seed", "examples")]
+    rows = []
+    for values, g in per_run.groupby(keys, sort=True, dropna=False):
+        row: dict[str, Any] = {**dict(zip(keys, values)), "runs": len(g),
+                               "examples": int(g["examples"].min())}
+        for m in metric_cols:
+            v = g[m].dropna()
+            row[f"{m}_mean"] = float(v.mean()) if len(v) else float("nan")
+            row[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+        row["seeds"] = ",".join(str(s) for s in g["seed"] if s)
+        row["run_ids"] = ",".join(g["run_id"])
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def _cert_settings(c: CertifiedRun, split: str) -> str:
+    """n0/n/alpha of a run's certification: the tags orchestrator.certify sets, else the run's budget."""
+    tagged = {k: c.tags.get(f"{split}_cert_{k}") for k in ("n0", "n", "alpha")}
+    if all(tagged.values()):
+        return f"n0={tagged['n0']}, n={tagged['n']}, α={tagged['alpha']}"
+    if c.get(tracking.TAG_BUDGET) and split == "test":
+        from orchestrator.budgets import BUDGETS
+        b = BUDGETS.get(c.get(tracking.TAG_BUDGET))
+        if b is not None:
+            return f"n0={b.final_n0}, n={b.final_n}, α={b.alpha}"
+    return ""
+
+
+def caption(certified: list[CertifiedRun], table: pd.DataFrame, split: str) -> str:
+    """What a reader needs to interpret the table: data, split, certification settings, how each row's model
+    was selected, the budget, and what ± means."""
+    def joined(values) -> str:
+        found = sorted({v for v in values if v})
+        return ", ".join(found) if found else "not recorded"
+
+    sweeps = [c for c in certified if c.source == "sweep"]
+    selection = []
+    if sweeps:
+        methods = joined(c.get(tracking.TAG_SELECTION) for c in sweeps)
+        selection.append(f"sweep-selected rows: best validation ACR, {methods} selection")
+    if any(c.source == "train" for c in certified):
+        selection.append("fixed-config rows: no selection (the given hyperparameters)")
+    examples = joined(str(n) for n in table["examples"])
+    spread = ("mean ± std over the runs (seeds) of each row" if (table["runs"] > 1).any()
+              else "one run per row")
+    return (f"Certified accuracy (%) at ℓ2 radius r and average certified radius (ACR) on "
+            f"{joined(c.dataset for c in certified)} ({split} split, {examples} examples, "
+            f"{joined(_cert_settings(c, split) for c in certified)}). Model selection: "
+            f"{'; '.join(selection)}. Budget: {joined(c.get(tracking.TAG_BUDGET) for c in certified)}. "
+            f"{spread[0].upper() + spread[1:]}.")
+
+
+def _fmt(mean: float, std: float, scale: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean * scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def row_label(row: pd.Series, table: pd.DataFrame) -> str:
+    """A row's name in the plot's legend: only the fields that differ between rows."""
+    return " ".join(part for part in (
+        row["dataset"] if table["dataset"].nunique() > 1 else "", row["trainable"],
+        f"({SOURCE_LABEL[row['source']]})" if table["source"].nunique() > 1 else "",
+        f"σ={row['sigma']:g}", row["config"]) if part)
+
+
+def to_markdown(table: pd.DataFrame, radii: Sequence[float], caption_text: str) -> str:
+    from trainables.metrics import certacc_key
+
+    cols = {"dataset": table["dataset"].nunique() > 1, "model": table["source"].nunique() > 1,
+            "configuration": (table["config"] != "").any(),
+            "det": "det_acr_mean" in table and table["det_acr_mean"].notna().any()}
+    header = ((["dataset"] if cols["dataset"] else []) + ["trainable"] + (["model"] if cols["model"] else [])
+              + ["σ"] + (["configuration"] if cols["configuration"] else []) + ["runs"]
+              + [f"{r:g}" for r in radii] + ["ACR"] + (["det ACR"] if cols["det"] else []))
+    lines = [f"**{caption_text}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = (([row["dataset"]] if cols["dataset"] else []) + [row["trainable"]]
+                 + ([SOURCE_LABEL[row["source"]]] if cols["model"] else []) + [f"{row['sigma']:g}"]
+                 + ([row["config"]] if cols["configuration"] else []) + [str(row["runs"])])
+        cells += [_fmt(row[f"{certacc_key(r)}_mean"], row[f"{certacc_key(r)}_std"], 100, 1) for r in radii]
+        cells.append(_fmt(row["acr_mean"], row["acr_std"], 1, 3))
+        if cols["det"]:
+            cells.append(_fmt(row["det_acr_mean"], row["det_acr_std"], 1, 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- plots --------------------------------------------------------------------------------------------------
+def plot_table(certified: list[CertifiedRun], table: pd.DataFrame, radii: Sequence[float], path: Path,
+               title: str = "") -> Path:
+    """Certified accuracy vs radius, one curve per table row, via trainables.metrics.plot_certified_accuracy.
+    A row's runs are pooled: with runs of equal size (as seeds of one configuration are) the pooled curve is
+    exactly the mean of the runs' curves."""
+    from trainables import metrics
+
+    curves = {}
+    for _, row in table.iterrows():
+        ids = set(row["run_ids"].split(","))
+        curves[row_label(row, table)] = pd.concat([c.rows for c in certified if c.run_id in ids],
+                                                  ignore_index=True)
+    return metrics.plot_certified_accuracy(curves, path, radii=radii, title=title)
+
+
+# --- sweep summaries ----------------------------------------------------------------------------------------
+def _distribution(description: str):
+    """An Optuna distribution from a sweep's logged range (search_spaces.Space.describe):
+    "log-uniform 1e-3..0.1", "int 0..300", "log-int 64..512", "choice a,b,c"; None for "fixed ..."."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    kind, _, rest = description.partition(" ")
+    if kind == "choice":
+        return CategoricalDistribution(tuple(rest.split(",")))
+    if kind in ("uniform", "log-uniform", "int", "log-int"):
+        low, _, high = rest.partition("..")
+        if kind.endswith("int"):
+            return IntDistribution(int(float(low)), int(float(high)), log=kind.startswith("log"))
+        return FloatDistribution(float(low), float(high), log=kind.startswith("log"))
+    return None
+
+
+def _param_value(text: str, dist) -> Any:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return text
+    return int(float(text)) if isinstance(dist, IntDistribution) else float(text)
+
+
+def sweep_study(client, parent_id: str):
+    """An Optuna study rebuilt from a sweep's MLflow runs (orchestrator/sweep.py's logging): the search space
+    from the parent's "space.*" params, the objectives from its "objectives" param (val_<name>), and one trial
+    per finished trial run in start order -- COMPLETE when it ran to the end, PRUNED (with its intermediate
+    values per epoch) when ASHA stopped it. Returns (study, objective metric names)."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    parent = client.get_run(parent_id)
+    params = parent.data.params
+    dists = {k[len("space."):]: d for k, v in params.items() if k.startswith("space.")
+             if (d := _distribution(v)) is not None}
+    objectives = [f"val_{o}" for o in params.get("objectives", "acr").split(",")]
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=parent.info.run_name or parent_id,
+                                directions=["maximize"] * len(objectives))
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        m = run.data.metrics
+        if run.info.status != "FINISHED" or any(o not in m for o in objectives):
+            continue
+        try:
+            values = {k: _param_value(run.data.params[k], d) for k, d in dists.items()}
+        except (KeyError, ValueError):
+            continue  # a trial that did not log the searched parameters
+        pruned = run.data.tags.get(tracking.TAG_STOPPED_EARLY) == "true" and len(objectives) == 1
+        inter = {int(h.step): h.value for h in client.get_metric_history(run.info.run_id, objectives[0])}
+        study.add_trial(create_trial(
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE, params=values, distributions=dists,
+            values=None if pruned else [m[o] for o in objectives], intermediate_values=inter,
+            user_attrs={"mlflow_run_id": run.info.run_id}))
+    return study, objectives
+
+
+def plot_sweep(client, parent_id: str, out: Path) -> list[Path]:
+    """PNGs of one sweep: optimisation history, parameter importances (optuna.importance's default evaluator)
+    and, for two objectives, the Pareto front. A plot the sweep cannot support (fewer than 2 complete trials,
+    nothing varied) is skipped with a note on stdout."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as ovm
+
+    study, objectives = sweep_study(client, parent_id)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    first = (lambda t: t.values[0]) if len(objectives) > 1 else None
+    plots = {"history": lambda: ovm.plot_optimization_history(study, target=first, target_name=objectives[0]),
+             "importance": lambda: ovm.plot_param_importances(study, target=first, target_name=objectives[0])}
+    if len(objectives) == 2:
+        plots["pareto"] = lambda: ovm.plot_pareto_front(study, target_names=objectives)
+    paths = []
+    for name, make in plots.items():
+        if name == "importance" and (len(complete) < 2 or not study.trials[0].distributions):
+            print(f"sweep {parent_id}: no parameter importances ({len(complete)} complete trial(s))")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            try:
+                ax = make()
+            except (ValueError, RuntimeError) as exc:
+                print(f"sweep {parent_id}: no {name} plot ({exc})")
+                continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(7, 4.5)
+        fig.tight_layout()
+        path = out / f"sweep-{parent_id[:8]}-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def sweep_summaries(client, certified: list[CertifiedRun], out: Path) -> list[Path]:
+    """plot_sweep for every sweep a compared run belongs to (a trial's parent, or a sweep run itself)."""
+    sweeps = sorted({c.get("mlflow.parentRunId") for c in certified if c.get("mlflow.parentRunId")}
+                    | {c.run_id for c in certified if c.get(tracking.TAG_ROLE) == "sweep"})
+    paths: list[Path] = []
+    for sweep_id in sweeps:
+        if client.get_run(sweep_id).data.tags.get(tracking.TAG_ROLE) == "sweep":
+            paths += plot_sweep(client, sweep_id, out)
+    return paths
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The command, for a parsed command line. Returns the table, the Markdown, the files and the run id."""
+    import mlflow
+    from trainables import metrics
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    radii = parse_radii(args.radii) if args.radii else None
+    client = mlflow.MlflowClient()
+    runs = find_runs(client, args.experiment, args.runs)
+    certified = load_certified(client, runs, args.split, explicit=args.runs)
+    if args.sigma is not None:
+        certified = [c for c in certified if math.isclose(c.sigma, args.sigma)]
+        if not certified:
+            raise CompareInputError(f"no certified run with σ={args.sigma:g}")
+    if radii is None:
+        grids = {metrics.RADII_BY_DATASET.get(c.dataset, metrics.RADII_DRF) for c in certified}
+        radii = tuple(sorted(set().union(*grids)))
+    table = build_table(certified, radii)
+    md = to_markdown(table, radii, caption(certified, table, args.split))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(md)
+    title = f"{', '.join(sorted(table['dataset'].unique()))} ({args.split})"
+    files = [out / "table.csv", out / "table.md",
+             plot_table(certified, table, radii, out / "certified_accuracy.png", title=title)]
+    files += sweep_summaries(client, certified, out)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files))
+    result = {"table": table, "markdown": md, "files": files, "run_id": None}
+    if not args.no_log:
+        mlflow.set_experiment(COMPARE_EXPERIMENT)
+        with mlflow.start_run(run_name="compare", tags={tracking.TAG_ROLE: "compare"}) as active:
+            mlflow.log_params({"runs": len(certified), "split": args.split,
+                               "radii": ",".join(f"{r:g}" for r in radii)})
+            mlflow.set_tag("compared_runs", ",".join(c.run_id for c in certified)[:5000])
+            for f in files:
+                mlflow.log_artifact(str(f))
+            result["run_id"] = active.info.run_id
+        print(f"logged comparison run {result['run_id']} (experiment {COMPARE_EXPERIMENT!r})")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CompareInputError as exc:
+        print(f"compare: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

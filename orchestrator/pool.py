@@ -1,0 +1,404 @@
+"""Cohen et al.'s CERTIFY over a dataset split, sharded across a fault-tolerant, resumable pool of Ray actors.
+
+    df = certify_with_pool(trainable_or_checkpoint, data, indices, n0=..., n=..., alpha=..., batch=...,
+                           seed=..., actors=None, out_dir="certify-out/x")
+
+Guarantees
+- Results do not depend on sharding or on the number of actors: example `idx` is certified with noise from a
+  generator seeded by (seed, idx) (`Smooth.certify_many`), so 1 actor and 3 actors give the same rows
+  (apart from the `time` column).
+- Fault tolerance: actors are `@ray.remote(max_restarts=-1, max_task_retries=-1)`. An actor that dies is
+  restarted by Ray (its `__init__` runs again and reloads the model) and its in-flight shard is rerun.
+- Resumability: every finished shard is written to `out_dir/shards/` as soon as it completes, atomically
+  (temporary file + `os.replace`), by the driver. A rerun with the same `out_dir` reads the finished shards
+  and computes only the others, so a killed driver loses at most the shards that were in flight.
+  The driver, not the actor, writes shards: `out_dir` need not be visible from the worker nodes, and a retried
+  task's result reaches the driver once, so writes are idempotent by construction.
+- `out_dir/manifest.json` records the model's fingerprint (a hash of its weights, not of the file holding
+  them) and every setting that changes the rows (split, indices, n0, n, alpha, batch, seed, shard size,
+  device type). An output directory holding another model's or other settings' shards is refused
+  (`CertifyInputError`), never mixed.
+- The final TSV (`out_dir/<split>.tsv`, Cohen's columns sorted by idx) is written only once every shard is
+  done; until then only `shards/` and a manifest with `"complete": false` exist.
+
+Resources (choices; the issue leaves them open): by default one actor per CPU of the cluster (one per GPU when
+the cluster has GPUs). Each actor holds one CPU (a share, CPUs / actors, when there are more actors than CPUs,
+so that all of them can be scheduled) and runs torch with one thread: one single-threaded process per core is
+what measured fastest on this machine (shared/notes/ray-2.60-on-2-cpus.md; benchmarks/RESULTS.md). With GPUs
+each actor also gets GPUs / actors of a GPU and runs on "cuda".
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from trainables import checkpoint
+from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, min_certify_n
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+MANIFEST_FORMAT = "smoothing-orchestrator/certify-manifest/1"
+#: default work per shard, in noise samples: 1e6 is about a minute of LeNet on one CPU core (seconds on a
+#: GPU), so a killed driver or actor loses little while the per-shard overhead (milliseconds) stays small.
+SAMPLES_PER_SHARD = 1_000_000
+
+
+class CertifyInputError(ValueError):
+    """Bad input (settings, model, output directory): the CLI prints it on one line and exits with code 2."""
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+def validate_settings(n0: int, n: int, alpha: float, batch: int, seed: int = 0) -> None:
+    """Raise CertifyInputError saying what is wrong with these CERTIFY settings and what to do."""
+    if not 0 < alpha < 1:
+        raise CertifyInputError(f"alpha must be in (0, 1), got {alpha}")
+    if n0 < 1:
+        raise CertifyInputError(f"n0 must be >= 1, got {n0}")
+    if n < n0:
+        raise CertifyInputError(f"n ({n}) must be >= n0 ({n0}): n0 samples only select the class, "
+                                f"n samples estimate its probability (Cohen et al. use n0=100, n=100,000)")
+    if n < min_certify_n(alpha):
+        raise CertifyInputError(f"n={n} is too small for alpha={alpha}: no example could ever be certified "
+                                f"(needs n >= {min_certify_n(alpha)}); raise --n or --alpha")
+    if batch < 1:
+        raise CertifyInputError(f"batch must be >= 1, got {batch}")
+    if seed < 0:
+        raise CertifyInputError(f"seed must be >= 0, got {seed}")
+
+
+def default_shard_size(num_examples: int, n0: int, n: int) -> int:
+    """Examples per shard: about SAMPLES_PER_SHARD noise samples, and at least 16 shards when there are
+    enough examples, so that the actors stay balanced. Depends only on the settings (not on the number of
+    actors), so a run can be resumed with a different --actors."""
+    by_work = max(1, SAMPLES_PER_SHARD // (n0 + n))
+    by_balance = max(1, math.ceil(num_examples / 16))
+    return min(by_work, by_balance)
+
+
+# --- model identity and transport ---------------------------------------------------------------------------
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def model_fingerprint(trainable) -> str:
+    """sha256 of what defines the certified model: trainable name, hyperparameters and network weights.
+
+    Computed from the weights, not the file, so the same model saved twice (or passed in memory by a sweep)
+    has the same fingerprint. Optimiser state is deliberately left out: it does not change predictions."""
+    h = hashlib.sha256()
+    _feed(h, [trainable.NAME, dict(trainable.hparams), dataclasses.asdict(trainable.info)])
+    _feed(h, trainable.net.state_dict())
+    return h.hexdigest()
+
+
+def _checkpoint_bytes(trainable) -> bytes:
+    """The trainable as checkpoint bytes, to ship to actors through Ray's object store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint.save(Path(tmp) / "model.pt", trainable, epoch=trainable.epochs)
+        return path.read_bytes()
+
+
+def load_model(model) -> tuple[Any, bytes]:
+    """(trainable, checkpoint bytes) from a trainable or a checkpoint path; CertifyInputError if unusable
+    (missing, corrupt, or weights that do not fit the architecture the checkpoint names)."""
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            trainable, _ = checkpoint.load(model)
+        except (checkpoint.CheckpointError, ValueError, KeyError) as exc:
+            raise CertifyInputError(str(exc)) from None
+        return trainable, Path(model).read_bytes()
+    return model, _checkpoint_bytes(model)
+
+
+# --- the actor ----------------------------------------------------------------------------------------------
+class CertifyWorker:
+    """One Ray actor: loads the model once, then certifies shards with `trainable.certifier().certify_many`
+    (GLEAN's latent certifier and the input-space Smooth alike)."""
+
+    def __init__(self, model_bytes: bytes, threads: int, device: str):
+        torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.pt"
+            path.write_bytes(model_bytes)
+            trainable, _ = checkpoint.load(path, device=device)
+        self.certifier = trainable.certifier()
+        self.device = device
+
+    def certify(self, xs: torch.Tensor, labels: Sequence[int], indices: Sequence[int], n0: int, n: int,
+                alpha: float, batch: int, seed: int) -> tuple[int, list]:
+        """CertRows of one shard, with this process's pid (tests use it to see an actor was replaced)."""
+        rows = self.certifier.certify_many(xs.to(self.device), list(labels), list(indices), n0=n0, n=n,
+                                           alpha=alpha, batch_size=batch, seed=seed)
+        return os.getpid(), rows
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def actor_resources(actors: int | None) -> tuple[int, dict[str, float], int, str]:
+    """(actors, Ray resource options per actor, torch threads per actor, device) for the running cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    if actors is None:
+        actors = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus))
+    if actors < 1:
+        raise CertifyInputError(f"actors must be >= 1, got {actors}")
+    per_cpu = min(1.0, cpus / actors)   # one core each; a share when there are more actors than CPUs
+    options: dict[str, float] = {"num_cpus": per_cpu}
+    if gpus > 0:
+        options["num_gpus"] = gpus / actors
+    return actors, options, 1, "cuda" if gpus > 0 else "cpu"
+
+
+# --- output directory ---------------------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_tsv(rows_or_df, path: Path, meta: Mapping[str, Any] | None = None) -> None:
+    from trainables.metrics import write_tsv
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix=".tsv")
+    os.close(fd)
+    try:
+        write_tsv(rows_or_df, tmp, meta=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def shard_path(out_dir: Path, shard: int) -> Path:
+    return out_dir / SHARD_DIR / f"shard-{shard:06d}.tsv"
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CertifyInputError(f"{path} is not valid JSON ({exc}); use another --out") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CertifyInputError(f"{path} is not a certification manifest; use another --out")
+    return manifest
+
+
+def prepare_out_dir(out_dir: Path, manifest: dict, resume: bool) -> None:
+    """Create `out_dir` with `manifest`, or check that an existing one holds this model and these settings."""
+    old = read_manifest(out_dir)
+    if old is None:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise CertifyInputError(f"{out_dir} is not empty and holds no {MANIFEST}; choose another --out")
+        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    if old["model"]["fingerprint"] != manifest["model"]["fingerprint"]:
+        raise CertifyInputError(
+            f"{out_dir} holds shards of another model ({old['model'].get('source') or '?'}, fingerprint "
+            f"{old['model']['fingerprint'][:12]}, not {manifest['model']['fingerprint'][:12]}); "
+            "choose another --out")
+    if old["settings"] != manifest["settings"]:
+        diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
+                if old["settings"].get(k) != v}
+        shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise CertifyInputError(f"{out_dir} holds shards certified with other settings ({shown}); "
+                                "use the same settings to resume, or choose another --out")
+    done = list((out_dir / SHARD_DIR).glob("shard-*.tsv"))
+    if done and not resume:
+        raise CertifyInputError(f"{out_dir} already holds {len(done)} finished shards; resume them or choose "
+                                "another output directory")
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardDone:
+    """What `on_shard` receives after each computed shard is persisted (monitoring, fault injection)."""
+
+    shard: int
+    indices: tuple[int, ...]
+    pid: int                    # process that computed it
+    actor: int                  # index into `actors`
+    actors: tuple               # all actor handles of the pool
+    busy: dict[int, int]        # actor index -> the shard it is computing now (result not ready yet)
+    computed: int               # shards computed so far in this call
+    remaining: int              # shards not finished yet
+
+
+# --- the pool -----------------------------------------------------------------------------------------------
+def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.PathLike | None,
+                      split: str = "test",
+                      n0: int = N0, n: int = N, alpha: float = ALPHA, batch: int = BATCH_SIZE, seed: int = 0,
+                      actors: int | None = None, resume: bool = True, progress: bool = True,
+                      shard_size: int | None = None, source: str = "", extra: dict | None = None,
+                      on_shard: Callable[[ShardDone], None] | None = None,
+                      timeout_s: float | None = None) -> pd.DataFrame:
+    """Certify `data[i]` for i in `indices` on a pool of Ray actors; return Cohen's rows sorted by idx.
+
+    model: a Trainable (e.g. a sweep's selected model) or a checkpoint path; each actor loads it once.
+    data: a map-style dataset yielding (x, y, d) or (x, y) with x of shape info.input_shape in [0,1].
+    out_dir: shards, manifest.json and, when complete, `<split>.tsv` (see the module docstring); None: a
+      temporary directory, removed afterwards (nothing to resume).
+    Results depend on batch and on the device type (CPU and CUDA generators differ): both are settings.
+    resume: reuse the finished shards of a matching out_dir (False: refuse an out_dir that has some).
+    source: a human-readable model identity for the manifest (run id or checkpoint path); extra: more
+      JSON-able information for the manifest (not compared on resume; the CLI stores its arguments there).
+    on_shard: called after each computed shard is persisted (ShardDone); timeout_s: fail with TimeoutError
+      when no shard finishes for this long (None: wait forever; tests set it).
+    Starts Ray locally if it is not running. The returned DataFrame's `attrs` hold "shards_computed",
+    "shards_reused", "tsv", "manifest" and "fingerprint".
+    Raises CertifyInputError for bad settings, an unusable model or a mismatching out_dir.
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="certify-") as tmp:
+            return certify_with_pool(model, data, indices, out_dir=tmp, split=split, n0=n0, n=n, alpha=alpha,
+                                     batch=batch, seed=seed, actors=actors, resume=resume, progress=progress,
+                                     shard_size=shard_size, source=source, extra=extra, on_shard=on_shard,
+                                     timeout_s=timeout_s)
+    validate_settings(n0, n, alpha, batch, seed)
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise CertifyInputError("no examples to certify (check --skip/--max)")
+    if len(set(indices)) != len(indices):
+        raise CertifyInputError("indices must be unique")
+    if min(indices) < 0 or max(indices) >= len(data):
+        raise CertifyInputError(f"indices must lie in [0, {len(data)}) for this {split} split of {len(data)} "
+                                f"examples, got {min(indices)}..{max(indices)}")
+    trainable, model_bytes = load_model(model)
+    fingerprint = model_fingerprint(trainable)
+    shard_size = shard_size or default_shard_size(len(indices), n0, n)
+    import ray
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=False)
+    resources = actor_resources(actors)
+    settings = {"split": split, "device": resources[3], "n0": int(n0), "n": int(n), "alpha": float(alpha),
+                "batch": int(batch), "seed": int(seed), "shard_size": int(shard_size),
+                "indices_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
+                "num_examples": len(indices), "first_index": indices[0], "last_index": indices[-1]}
+    if not source and isinstance(model, (str, os.PathLike)):
+        source = str(model)
+    manifest = {"format": MANIFEST_FORMAT, "complete": False,
+                "model": {"fingerprint": fingerprint, "trainable": trainable.NAME, "sigma": trainable.sigma,
+                          "dataset": trainable.info.name, "source": source},
+                "settings": settings, "extra": extra or {}}
+    out = Path(out_dir)
+    prepare_out_dir(out, manifest, resume)
+
+    shards = [indices[i:i + shard_size] for i in range(0, len(indices), shard_size)]
+    todo = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
+    reused = len(shards) - len(todo)
+    if todo:
+        cert = dict(n0=int(n0), n=int(n), alpha=float(alpha), batch=int(batch), seed=int(seed))
+        _run_pool(model_bytes, data, shards, todo, out, resources, cert, split, progress, on_shard, timeout_s)
+
+    from trainables.metrics import read_tsv
+
+    parts = []
+    for k, shard in enumerate(shards):
+        part = read_tsv(shard_path(out, k))
+        if sorted(part["idx"].tolist()) != sorted(shard):
+            raise CertifyInputError(f"{shard_path(out, k)} does not hold examples {shard[0]}..{shard[-1]}; "
+                                    "the output directory was modified by hand: choose another --out")
+        parts.append(part)
+    df = pd.concat(parts, ignore_index=True).sort_values("idx", kind="stable").reset_index(drop=True)
+    tsv = out / f"{split}.tsv"
+    meta = {"trainable": trainable.NAME, "dataset": trainable.info.name, "sigma": trainable.sigma,
+            **{k: settings[k] for k in ("split", "n0", "n", "alpha", "batch", "seed", "device")},
+            "fingerprint": fingerprint, "source": source}
+    _atomic_write_tsv(df, tsv, meta={k: str(v).replace("\n", " ") for k, v in meta.items()})
+    manifest["complete"] = True
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
+                    fingerprint=fingerprint)
+    return df
+
+
+def _example(data, i: int) -> tuple[torch.Tensor, int]:
+    item = data[i]
+    return torch.as_tensor(item[0], dtype=torch.float32), int(item[1])
+
+
+def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,
+              resources: tuple[int, dict[str, float], int, str], settings: dict, split: str, progress: bool,
+              on_shard: Callable[[ShardDone], None] | None, timeout_s: float | None) -> None:
+    """Hand the shards in `todo` to actors, one in flight per actor, persisting each result as it arrives."""
+    import ray
+    from tqdm.auto import tqdm
+
+    num_actors, options, threads, device = resources
+    num_actors = min(num_actors, len(todo))   # no actor would get a shard
+    remote_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(CertifyWorker)
+    model_ref = ray.put(model_bytes)
+    pool = tuple(remote_cls.options(**options).remote(model_ref, threads, device) for _ in range(num_actors))
+    done_examples = sum(len(s) for s in shards) - sum(len(shards[k]) for k in todo)
+    bar = tqdm(total=sum(len(s) for s in shards), initial=done_examples, unit="img", desc=f"certify {split}",
+               disable=not progress, smoothing=0.1)
+    pending = list(todo)
+    inflight: dict[Any, tuple[int, int]] = {}   # ObjectRef -> (shard, actor index)
+    idle = list(range(num_actors))
+    computed = 0
+    try:
+        # wait until every actor has loaded the model, so that the shards are spread from the start
+        ray.get([a.pid.remote() for a in pool], timeout=timeout_s)
+        while pending or inflight:
+            while idle and pending:
+                a, k = idle.pop(0), pending.pop(0)
+                xs, labels = zip(*(_example(data, i) for i in shards[k]))
+                ref = pool[a].certify.remote(torch.stack(xs), labels, shards[k], **settings)
+                inflight[ref] = (k, a)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout_s)
+            if not ready:
+                raise TimeoutError(f"no shard finished within {timeout_s} s ({len(inflight)} in flight)")
+            for ref in ready:
+                k, a = inflight.pop(ref)
+                pid, rows = ray.get(ref)
+                _atomic_write_tsv(rows, shard_path(out, k))
+                computed += 1
+                idle.append(a)
+                bar.update(len(shards[k]))
+                if on_shard is not None:   # busy: actors whose shard is still being computed
+                    running = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)[1] \
+                        if inflight else []
+                    on_shard(ShardDone(shard=k, indices=tuple(shards[k]), pid=pid, actor=a, actors=pool,
+                                       busy={inflight[r][1]: inflight[r][0] for r in running},
+                                       computed=computed, remaining=len(pending) + len(inflight)))
+    finally:
+        bar.close()
+        for actor in pool:
+            ray.kill(actor)  # frees their CPUs at once; no_restart=True by default
