@@ -159,9 +159,18 @@ def certify_split(model, dataset, indices: Sequence[int], *, split: str, n0: int
     """Certified rows (CertRow list or Cohen DataFrame) of `dataset[i]` for i in `indices`.
 
     model: a Trainable, or a path to a trainables.checkpoint file. THE ONE PLACE the final test certification
-    of train and sweep runs: in-process `certifier().certify_many` for now; the certification actor pool
-    (orchestrator.pool.certify_with_pool, resumable through `out_dir`) plugs in here.
+    of train and sweep runs. Where Ray is running (a sweep, or train with --workers >= 2) it is sharded over
+    the certification actor pool (orchestrator.pool.certify_with_pool: fault tolerant, resumable through
+    `out_dir`); a one-process train run certifies in-process and spares itself a Ray start-up. Both give the
+    same rows: example i's noise is seeded by (seed, i) wherever it is computed.
     """
+    import ray
+
+    if ray.is_initialized():
+        from orchestrator.pool import certify_with_pool
+
+        return certify_with_pool(model, dataset, list(indices), out_dir=out_dir, split=split, n0=n0, n=n,
+                                 alpha=alpha, batch=batch, seed=seed, progress=False)
     from trainables import checkpoint as ckpt_io
 
     trainable = ckpt_io.load(model)[0] if isinstance(model, (str, os.PathLike)) else model
