@@ -137,6 +137,12 @@ def load_model(model) -> tuple[Any, bytes]:
 
 
 # --- the actor ----------------------------------------------------------------------------------------------
+#: glibc malloc settings of the actors. A fresh process serves every allocation above 128 KiB (each batch of
+#: noise and activations) from a new mmap and returns it on free, so every forward pass page-faults its
+#: buffers in again; a long-lived process has raised that threshold dynamically. Measured on the 2-core CPU
+#: (MNIST LeNet, n = 10,000): 0.95 s/image in a fresh actor vs 0.59 in-process, 0.56 with these settings.
+ACTOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
 class CertifyWorker:
     """One Ray actor: loads the model once, then certifies shards with `trainable.certifier().certify_many`
     (GLEAN's latent certifier and the input-space Smooth alike)."""
@@ -365,7 +371,8 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
     num_actors = min(num_actors, len(todo))   # no actor would get a shard
     remote_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(CertifyWorker)
     model_ref = ray.put(model_bytes)
-    pool = tuple(remote_cls.options(**options).remote(model_ref, threads, device) for _ in range(num_actors))
+    pool = tuple(remote_cls.options(**options, runtime_env={"env_vars": ACTOR_ENV}).remote(model_ref, threads, device)
+                 for _ in range(num_actors))
     done_examples = sum(len(s) for s in shards) - sum(len(shards[k]) for k in todo)
     bar = tqdm(total=sum(len(s) for s in shards), initial=done_examples, unit="img", desc=f"certify {split}",
                disable=not progress, smoothing=0.1)
