@@ -411,9 +411,20 @@ def _close_trial_runs(cl, experiment_id: str, parent: str, results, max_epochs: 
         mlflow_utils.set_tags(cl, run_id, {tracking.TAG_STOPPED_EARLY: str(epoch < max_epochs).lower()})
         mlflow_utils.close_run(cl, run_id, "FINISHED")
         completed.append(r)
-    for run_id, run in mlflow_utils.trial_runs(cl, experiment_id, parent).items():
-        if run.info.status == "RUNNING" and run.info.run_id not in seen:
-            mlflow_utils.close_run(cl, run.info.run_id, "FAILED", "the trial ended without reporting")
+    known = {str((r.metrics or {}).get("trial_id", "")) for r in results} | {Path(r.path).name for r in results
+                                                                              if r.path}
+    for tune_id, run in mlflow_utils.trial_runs(cl, experiment_id, parent).items():
+        if run.info.status != "RUNNING" or run.info.run_id in seen:
+            continue
+        if not any(tune_id and (tune_id == k or tune_id in k) for k in known):
+            # started by a driver that was killed before Tune saved the trial: Tune reruns that work under a new
+            # trial id after --resume, so this run would count one trial twice. Delete it (MLflow keeps it in
+            # its trash, `mlflow gc` removes it).
+            mlflow_utils.set_tags(cl, run.info.run_id, {tracking.TAG_ERROR: "orphaned by an interrupted sweep"})
+            mlflow_utils.close_run(cl, run.info.run_id, "KILLED")
+            cl.delete_run(run.info.run_id)
+            continue
+        mlflow_utils.close_run(cl, run.info.run_id, "FAILED", "the trial ended without reporting")
     return completed
 
 
