@@ -18,6 +18,8 @@ import pytest
 
 from orchestrator import tracking
 
+from processes import kill_session, session_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -26,18 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
 
 
 @pytest.mark.timeout(420)
@@ -97,15 +87,6 @@ def test_ray_job_submit_smoke_sweep(tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        for _ in range(20):                # then anything left in its session, by PID
-            pids = _session_pids(head.pid)
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        kill_session(head.pid)             # then anything left in its session, by PID
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not _session_pids(head.pid)
+    assert not session_pids(head.pid)

@@ -23,6 +23,8 @@ from trainables import checkpoint as ckpt_io
 from trainables import metrics as M
 from trainables.registry import TRAINABLES
 
+from processes import kill_session
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ["--budget", "smoke", "--trials", "1"]
 
@@ -96,32 +98,6 @@ def test_crashing_trial_is_recorded_and_the_sweep_goes_on(ray_local, mlflow_uri,
     assert rc == 0 and all(r.data.params["arch"] == "lenet" for r in finished)
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes of session `sid` (the killed driver's Ray daemons live there)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    for _ in range(20):
-        pids = _session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-
-
 def test_resume_after_killed_driver(mlflow_uri, tmp_path):
     storage = tmp_path / "ray"
     trials_n = 6
@@ -145,7 +121,7 @@ def test_resume_after_killed_driver(mlflow_uri, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
     reported = [r for r in _by_role(_runs(mlflow_uri), "trial") if tracking.VAL_ACR in r.data.metrics]
     assert 1 <= len(reported) < trials_n, "the kill came too late to test anything"
 
