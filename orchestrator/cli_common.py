@@ -5,9 +5,7 @@ written (the commands check names, ranges, data and the cluster address before t
 """
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -109,48 +107,23 @@ def loop_data(splits, selection: Selection):
     return LoopData(splits.info, splits.train, xs, ys, list(selection.sel_indices), selection.sel_split)
 
 
-# --- Ray ------------------------------------------------------------------------------------------------------
+# --- Ray: moved to orchestrator/cluster.py (the one way to connect); these names stay for callers -------------
 def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """Fail fast (UsageError) when `host:port` or `ray://host:port` does not accept connections: ray.init
-    itself retries for minutes."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
-                         "`ray start --head` or fix --address / RAY_ADDRESS") from None
+    from orchestrator.cluster import check_reachable as check
+
+    check(address, timeout)
 
 
 def init_ray(address: str | None) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), else start a private local Ray (never someone else's cluster
-    by accident). Returns True when this call started/connected Ray (and so should shut it down)."""
-    import ray
+    from orchestrator.cluster import connect
 
-    if address:
-        check_reachable(address)  # an explicit address is checked even when Ray already runs in this process
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    check_reachable(address)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        ray.init(address=address, configure_logging=True, logging_level=logging.WARNING)
-    except ConnectionError as exc:
-        raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
-    return True
+    return connect(address)
 
 
 def cluster_cpus_gpus() -> tuple[float, float]:
-    import ray
+    from orchestrator.cluster import cluster_cpus_gpus as cpus_gpus
 
-    res = ray.cluster_resources()
-    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    return cpus_gpus()
 
 
 # --- final certification --------------------------------------------------------------------------------------

@@ -46,22 +46,26 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator import tracking
+from orchestrator import cluster, tracking
+from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
-from orchestrator.cli_common import (UsageError, certify_split, cluster_cpus_gpus, format_table, init_ray,
-                                     load_splits, loop_data, make_selection, parse_sets, run_main)
+from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
+                                     make_selection, parse_sets, run_main)
+from orchestrator.cluster import add_resource_flags, check_resource_flags
+from orchestrator.mlflow_callback import MLflowTrialCallback
+from orchestrator.sweep_run import SweepSetup, build_tuner, checkpoint_file, close_sweep_runs, trial
+
+__all__ = ["main", "build_parser", "pareto_front", "trial"]
 
 SAMPLERS = ("tpe", "cmaes", "nsga2")
 OBJECTIVES = {"acr": (tracking.VAL_ACR,), "acr,clean_acc": (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC)}
 SWEEP_FILE = "sweep.json"
-RUN_ID_KEY = "mlflow_run_id"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="search space or trainable (glean, drf, drf-smoothadv, gaussian, ...)")
     p.add_argument("--dataset", help="dataset (default: the trainable's DEFAULT_DATASET)")
     p.add_argument("--trials", type=int, help="number of trials (default: the budget's)")
-    p.add_argument("--concurrency", type=int, help="concurrent trials (default and cap: what the cluster can run)")
+    p.add_argument("--concurrency", type=int, help="concurrent trials (default: what the cluster can run now)")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (nsga2 for two objectives)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the model initialisation and noise")
     p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
@@ -80,101 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="acr, or acr,clean_acc for a two-objective search reporting the Pareto front")
     p.add_argument("--budget", choices=tuple(BUDGETS), default=DEFAULT_BUDGET, help="orchestrator/budgets.py")
     p.add_argument("--workers", type=int, default=1, help="DDP workers per trial (>= 2: Ray Train TorchTrainer)")
+    add_resource_flags(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pin a hyperparameter for every trial")
     p.add_argument("--space", action="append", metavar="KEY=LOW:HIGH|KEY=a,b",
                    help="override a declared search range for this sweep")
     p.add_argument("--resume", action="store_true", help="continue the newest sweep with the same settings")
     p.add_argument("--address", help="Ray cluster (auto, HOST:PORT, ray://HOST:PORT; default RAY_ADDRESS, else "
                                      "a private local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db); only the "
+                                          "driver opens it")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
-    p.add_argument("--storage", help="Tune storage (default ~/ray_results; shared on a multi-node cluster)")
+    p.add_argument("--storage", help="Tune storage: a path, file://, s3://, gs:// URI (default $RAY_STORAGE, else "
+                                     "~/ray_results); shared by every node on a multi-node cluster")
     return p
-
-
-@dataclass
-class SweepSetup:
-    """What every trial needs besides its sampled config (pickled to the trials once)."""
-
-    space: Any                       # search_spaces.Space
-    budget: Budget
-    dataset: str
-    selection: str
-    seed: int
-    workers: int
-    use_gpu: bool
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    sweep_id: str
-    storage: str
-    data_source: str
-    git_commit: str
-
-
-# --- the trial ------------------------------------------------------------------------------------------------
-def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
-    """One Tune trial: train `config` through the one training loop, reporting validation ACR per rung."""
-    from ray import tune
-
-    from orchestrator import mlflow_utils
-    from orchestrator.train_loop import LoopConfig, TuneSession, describe_exception, run_training
-
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    space, budget = setup.space, setup.budget
-    name = space.trainable_for(config)
-    hparams = space.hparams_for(config)
-    epochs = budget.epochs_for(name, setup.dataset)
-    cl = mlflow_utils.client(setup.tracking_uri)
-    run_id = mlflow_utils.find_or_create_trial_run(
-        cl, setup.experiment_id, setup.parent_run_id, trial_id, f"{name}-{trial_id}",
-        {tracking.TAG_ROLE: "trial", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: setup.dataset,
-         tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
-         tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: setup.data_source,
-         tracking.TAG_GIT_COMMIT: setup.git_commit, tracking.TAG_SEED: setup.seed, tracking.TAG_SWEEP: setup.sweep_id})
-    try:
-        from trainables.hparams import resolve
-        from trainables.registry import get_trainable
-
-        full = resolve(get_trainable(name).HPARAMS, hparams, owner=name)
-        mlflow_utils.log_params(cl, run_id, {**full, "trainable": name, "dataset": setup.dataset,
-                                             "budget": budget.name, "epochs": epochs, "workers": setup.workers,
-                                             "data_source": setup.data_source, "selection": setup.selection,
-                                             "search_n0": budget.search_n0, "search_n": budget.search_n,
-                                             "search_examples": len(data.sel_idx), "seed": setup.seed})
-        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
-                         seed=setup.seed, selection=setup.selection, n0=budget.search_n0, n=budget.search_n,
-                         alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=setup.tracking_uri,
-                         run_id=run_id, device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu",
-                         report_extra={RUN_ID_KEY: run_id})   # the driver maps Tune results to runs with it
-        if setup.workers == 1:
-            run_training(cfg, data, TuneSession())
-        else:
-            _fit_torch_trainer(cfg, data, setup, trial_id, run_id)
-    except Exception as exc:
-        mlflow_utils.close_run(cl, run_id, "FAILED", describe_exception(exc))
-        raise
-
-
-def _fit_torch_trainer(cfg, data, setup: SweepSetup, trial_id: str, run_id: str) -> None:
-    """Data-parallel training of one trial: a TorchTrainer whose reports reach Tune via TuneReportCallback."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.train_loop import train_worker
-
-    trainer = TorchTrainer(
-        train_worker, train_loop_config={"cfg": cfg, "data": ray.put(data)},
-        scaling_config=ScalingConfig(num_workers=setup.workers, use_gpu=setup.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
-        # a stable name per trial: a restarted trial's trainer finds its own checkpoints
-        run_config=RunConfig(name=f"{setup.sweep_id}-train-{trial_id}", storage_path=setup.storage,
-                             callbacks=[TuneReportCallback()]))
-    trainer.fit()
 
 
 # --- the driver -----------------------------------------------------------------------------------------------
@@ -185,10 +108,13 @@ def _sweep_key(args, space, dataset: str, trials: int) -> dict[str, Any]:
             "space": space.describe()}
 
 
-def _find_sweep(storage: Path, prefix: str) -> Path | None:
-    found = sorted((p for p in storage.glob(prefix + "*") if (p / SWEEP_FILE).exists()),
-                   key=lambda p: p.name)
-    return found[-1] if found else None
+def _find_sweep(storage_uri: str, prefix: str) -> tuple[str, dict] | None:
+    """(name, sweep.json) of the newest sweep under the storage whose name starts with `prefix`."""
+    for name in reversed(st.list_dirs(storage_uri, prefix)):
+        text = st.read_text(st.join(storage_uri, name, SWEEP_FILE))
+        if text is not None:
+            return name, json.loads(text)
+    return None
 
 
 def _reachable_trainables(space) -> list[str]:
@@ -198,18 +124,6 @@ def _reachable_trainables(space) -> list[str]:
         if hp is not None and hp.choices is not None:
             names |= {space.trainable_for({key: c}) for c in hp.choices}
     return sorted(names)
-
-
-def _make_sampler(kind: str, seed: int, objectives: int):
-    import optuna
-
-    if kind == "cmaes":
-        if objectives > 1:
-            raise UsageError("--sampler cmaes optimises one objective; use nsga2 or tpe with --objectives acr,clean_acc")
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
 
 
 def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any, tuple[float, ...]]]:
@@ -233,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    check_resource_flags(args)
     objectives = OBJECTIVES[args.objectives]
     try:
         space = get_space(args.name, parse_sets(args.space, "--space"), parse_sets(args.set))
@@ -244,32 +159,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cls in classes:
         if dataset not in cls.DATASETS:
             raise UsageError(f"{cls.NAME} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
-    _make_sampler(args.sampler, args.seed, len(objectives))
+    if args.sampler == "cmaes" and len(objectives) > 1:
+        raise UsageError("--sampler cmaes optimises one objective; use nsga2 or tpe with --objectives acr,clean_acc")
     from orchestrator import mlflow_utils
 
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
-    storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
+    storage_uri = st.normalize(args.storage)
+    try:
+        st.filesystem(storage_uri)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     key = _sweep_key(args, space, dataset, trials)
     prefix = f"{args.name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}-"
-    previous = _find_sweep(storage, prefix) if args.resume else None
-    if args.resume and previous is None:
-        raise UsageError(f"nothing to resume: no sweep with these settings under {storage} ({prefix}*); "
-                         "run without --resume to start one")
-    if previous is not None:
-        state = json.loads((previous / SWEEP_FILE).read_text())
-        if state.get("status") == "done":
-            print(f"sweep {previous.name} is already complete (nothing recomputed):\n")
-            print(state["table"])
+    previous = None
+    if args.resume:
+        previous = cluster.with_timeout(lambda: _find_sweep(storage_uri, prefix), cluster.STORAGE_TIMEOUT_S,
+                                        f"the storage {st.redact(storage_uri)} is not reachable")
+        if previous is None:
+            raise UsageError(f"nothing to resume: no sweep with these settings under {st.redact(storage_uri)} "
+                             f"({prefix}*); "
+                             "run without --resume to start one")
+        if previous[1].get("status") == "done":
+            print(f"sweep {previous[0]} is already complete (nothing recomputed):\n")
+            print(previous[1]["table"])
             return 0
     splits = load_splits(dataset, args.data_root, budget)
     selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
     data = loop_data(splits, selection)
 
-    # 2. Ray, MLflow, the Tuner
-    started = init_ray(args.address)
+    # 2. Ray and its pre-flight (resources, storage shared, data on every node), then MLflow and the Tuner
+    started = cluster.connect(args.address)
     try:
+        resources = cluster.trial_resources(args.workers, args.cpus_per_trial, args.gpus_per_trial,
+                                            args.memory_per_trial)
+        cluster.preflight(storage_uri, cluster.data_paths(splits))
         return _run(args, budget, trials, objectives, space, names, dataset, splits, selection, data,
-                    tracking_uri, storage, prefix, previous, key)
+                    tracking_uri, storage_uri, prefix, previous, key, resources)
     finally:
         if started:
             import ray
@@ -277,93 +202,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, splits, selection, data,
-         tracking_uri: str, storage: Path, prefix: str, previous: Path | None, key: dict) -> int:
+         tracking_uri: str, storage_uri: str, prefix: str, previous, key: dict, resources) -> int:
+    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator import mlflow_utils
 
-    cpus, gpus = cluster_cpus_gpus()
-    use_gpu = gpus >= 1
-    if args.workers == 1:
-        resources = {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1}
-        capacity = int(gpus) if use_gpu else int(cpus)
-    else:  # the trial only launches the trainer: it must not hold a CPU its workers need
-        resources = {"cpu": 0, "memory": 1}
-        capacity = int((gpus if use_gpu else cpus) // args.workers)
-    if capacity < 1:
-        raise UsageError(f"--workers {args.workers} needs {args.workers} {'GPUs' if use_gpu else 'CPUs'}; "
-                         f"the cluster has {int(gpus if use_gpu else cpus)}")
-    concurrency = max(1, min(args.concurrency or capacity, capacity, trials))
-
+    concurrency = max(1, min(args.concurrency or resources.capacity or 1, trials))
     cl = mlflow_utils.client(tracking_uri)
     experiment = args.experiment or dataset
     if previous is None:
-        sweep_dir = storage / (prefix + time.strftime("%Y%m%d-%H%M%S"))
+        sweep_name = prefix + time.strftime("%Y%m%d-%H%M%S")
         experiment_id = mlflow_utils.ensure_experiment(cl, experiment, tracking_uri)
         commit = mlflow_utils.git_commit()
-        parent = mlflow_utils.create_run(cl, experiment_id, sweep_dir.name, {
+        parent = mlflow_utils.create_run(cl, experiment_id, sweep_name, {
             tracking.TAG_ROLE: "sweep", tracking.TAG_TRAINABLE: args.name, tracking.TAG_DATASET: dataset,
             tracking.TAG_BUDGET: budget.name, tracking.TAG_SELECTION: args.select,
             tracking.TAG_DATA_SOURCE: splits.info.source, tracking.TAG_GIT_COMMIT: commit,
-            tracking.TAG_SEED: args.seed, tracking.TAG_SWEEP: sweep_dir.name})
+            tracking.TAG_SEED: args.seed, tracking.TAG_SWEEP: sweep_name})
         mlflow_utils.log_params(cl, parent, {
             **{f"space.{k}": v for k, v in space.describe().items()}, "sampler": args.sampler, "seed": args.seed,
             "trials": trials, "concurrency": concurrency, "objectives": args.objectives, "selection": args.select,
             "budget": budget.name, "dataset": dataset, "data_source": splits.info.source,
-            "trainables": ",".join(names), "workers": args.workers,
+            "trainables": ",".join(names), "workers": args.workers, "storage": st.redact(storage_uri),
+            "trial_resources": json.dumps(resources.trial), "max_failures": args.max_failures,
             "search": f"n0={budget.search_n0} n={budget.search_n} alpha={budget.alpha} "
                       f"examples={len(selection.sel_indices)} of {selection.sel_split}",
             "final": f"n0={budget.final_n0} n={budget.final_n} alpha={budget.alpha} "
                      f"examples={len(selection.test_indices)} of {selection.test_label}",
             "epochs": ",".join(f"{n}:{budget.epochs_for(n, dataset)}" for n in names),
             "data_notes": " | ".join(getattr(splits, "notes", ()) or ())})
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         state = {"status": "running", "key": key, "tracking_uri": tracking_uri, "experiment": experiment,
                  "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit}
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))
+        st.write_text(st.join(storage_uri, sweep_name, SWEEP_FILE), json.dumps(state, indent=2))
     else:
-        sweep_dir = previous
-        state = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        sweep_name, state = previous
         if state["tracking_uri"] != tracking_uri:
             raise UsageError(f"this sweep logs to {state['tracking_uri']}; resume it with --tracking-uri "
                              f"{state['tracking_uri']}")
         experiment, experiment_id, parent = state["experiment"], state["experiment_id"], state["parent_run_id"]
         commit = state["git_commit"]
         cl.update_run(parent, status="RUNNING")
-    print(f"sweep {sweep_dir}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})", flush=True)
+    sweep_uri = st.join(storage_uri, sweep_name)
+    print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})",
+          flush=True)
 
     setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=args.select, seed=args.seed,
-                       workers=args.workers, use_gpu=use_gpu, tracking_uri=tracking_uri,
-                       experiment_id=experiment_id, parent_run_id=parent, sweep_id=sweep_dir.name,
-                       storage=str(storage), data_source=splits.info.source, git_commit=commit)
-    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup, data=data), resources)
+                       workers=args.workers, use_gpu=resources.use_gpu, resources_per_worker=resources.per_worker,
+                       sweep_id=sweep_name, storage=storage_uri, max_failures=args.max_failures)
+    # the data travels once through the object store: every trial (and DDP worker) on any node reads this ref
+    data_ref = ray.put(data)
+    trainable = tune.with_resources(tune.with_parameters(trial, setup=setup, data=data_ref), resources.trial)
     max_epochs = max(budget.epochs_for(n, dataset) for n in names)
+    callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, _describe_trial(setup, data, commit),
+                                   lambda config: budget.epochs_for(space.trainable_for(config), dataset))
     try:
-        if previous is not None and tune.Tuner.can_restore(str(sweep_dir)):
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
-        else:
-            sampler = _make_sampler(args.sampler, args.seed, len(objectives))
-            modes = ["max"] * len(objectives)
-            if len(objectives) == 1:
-                searcher = OptunaSearch(sampler=sampler)
-                rungs = budget.eval_epochs(max_epochs)
-                scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
-                                          reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 \
-                    else FIFOScheduler()
-                tune_config = tune.TuneConfig(metric=objectives[0], mode="max", search_alg=searcher,
-                                              scheduler=scheduler, num_samples=trials,
-                                              max_concurrent_trials=concurrency, reuse_actors=True)
-            else:  # ASHA stops on one metric: a two-objective search runs every trial to the end
-                searcher = OptunaSearch(metric=list(objectives), mode=modes, sampler=sampler)
-                tune_config = tune.TuneConfig(search_alg=searcher, num_samples=trials,
-                                              max_concurrent_trials=concurrency, reuse_actors=True)
-            tuner = tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config,
-                               run_config=tune.RunConfig(
-                                   name=sweep_dir.name, storage_path=str(storage),
-                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                   failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+        tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, sampler=args.sampler,
+                            seed=args.seed, trials=trials, concurrency=concurrency, max_epochs=max_epochs,
+                            rungs=budget.eval_epochs(max_epochs), sweep_uri=sweep_uri, storage_uri=storage_uri,
+                            name=sweep_name, max_failures=args.max_failures, callbacks=[callback],
+                            restore=previous is not None)
         grid = tuner.fit()
         if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
             for run in mlflow_utils.trial_runs(cl, experiment_id, parent).values():
@@ -374,12 +272,14 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                   f"it with the same command and --resume", file=sys.stderr)
             return 130
         results = [grid[i] for i in range(len(grid))]
-        completed = _close_trial_runs(cl, experiment_id, parent, results, max_epochs)
+        run_of = close_sweep_runs(cl, experiment_id, parent, results)
+        completed = [r for r in results if r.error is None and (r.metrics or {}).get(tracking.VAL_ACR) is not None
+                     and str(r.metrics.get("trial_id")) in run_of]
         if not completed:
             raise RuntimeError(f"every trial failed; see the FAILED trial runs under parent run {parent} and "
-                               f"Tune's logs in {sweep_dir}")
+                               f"Tune's logs in {st.redact(sweep_uri)}")
         table = _finish(cl, args, budget, objectives, space, dataset, splits, selection, completed, parent,
-                        tracking_uri, experiment, sweep_dir)
+                        tracking_uri, experiment, sweep_uri, run_of)
     except BaseException as exc:
         from orchestrator.train_loop import describe_exception
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -387,61 +287,40 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")
     state.update(status="done", table=table)
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))
+    st.write_text(st.join(sweep_uri, SWEEP_FILE), json.dumps(state, indent=2))
     print(table)
     return 0
 
 
-def _close_trial_runs(cl, experiment_id: str, parent: str, results, max_epochs: int) -> list:
-    """Close every trial run (FINISHED / FAILED, stopped_early tagged); return the usable results."""
-    from orchestrator import mlflow_utils
+def _describe_trial(setup: SweepSetup, data, commit: str):
+    """config -> (run name, tags, params) of a trial's MLflow run (called by the driver's callback)."""
+    budget = setup.budget
 
-    completed, seen = [], set()
-    for r in results:
-        run_id = (r.metrics or {}).get(RUN_ID_KEY)
-        if run_id:
-            seen.add(run_id)
-        if r.error is not None:
-            if run_id:
-                mlflow_utils.close_run(cl, run_id, "FAILED", str(r.error).strip().splitlines()[-1][:500])
-            continue
-        if not run_id or r.metrics.get(tracking.VAL_ACR) is None:
-            continue
-        epoch = int(r.metrics.get(tracking.EPOCH, 0))
-        mlflow_utils.set_tags(cl, run_id, {tracking.TAG_STOPPED_EARLY: str(epoch < max_epochs).lower()})
-        mlflow_utils.close_run(cl, run_id, "FINISHED")
-        completed.append(r)
-    known = {str((r.metrics or {}).get("trial_id", "")) for r in results} | {Path(r.path).name for r in results
-                                                                              if r.path}
-    for tune_id, run in mlflow_utils.trial_runs(cl, experiment_id, parent).items():
-        if run.info.status != "RUNNING" or run.info.run_id in seen:
-            continue
-        if not any(tune_id and (tune_id == k or tune_id in k) for k in known):
-            # started by a driver that was killed before Tune saved the trial: Tune reruns that work under a new
-            # trial id after --resume, so this run would count one trial twice. Delete it (MLflow keeps it in
-            # its trash, `mlflow gc` removes it).
-            mlflow_utils.set_tags(cl, run.info.run_id, {tracking.TAG_ERROR: "orphaned by an interrupted sweep"})
-            mlflow_utils.close_run(cl, run.info.run_id, "KILLED")
-            cl.delete_run(run.info.run_id)
-            continue
-        mlflow_utils.close_run(cl, run.info.run_id, "FAILED", "the trial ended without reporting")
-    return completed
+    def describe(config: dict) -> tuple[str, dict, dict]:
+        from trainables.hparams import resolve
+        from trainables.registry import get_trainable
 
+        name = setup.space.trainable_for(config)
+        hparams = setup.space.hparams_for(config)
+        tags = {tracking.TAG_ROLE: "trial", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: setup.dataset,
+                tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
+                tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: data.info.source,
+                tracking.TAG_GIT_COMMIT: commit, tracking.TAG_SEED: setup.seed, tracking.TAG_SWEEP: setup.sweep_id}
+        try:
+            full = resolve(get_trainable(name).HPARAMS, hparams, owner=name)
+        except ValueError:   # the trial itself fails on it and the callback records the error
+            full = dict(hparams)
+        params = {**full, "trainable": name, "dataset": setup.dataset, "budget": budget.name,
+                  "epochs": budget.epochs_for(name, setup.dataset), "workers": setup.workers,
+                  "data_source": data.info.source, "selection": setup.selection, "search_n0": budget.search_n0,
+                  "search_n": budget.search_n, "search_examples": len(data.sel_idx), "seed": setup.seed}
+        return name, tags, params
 
-def _checkpoint_file(result) -> str:
-    from ray.tune import Checkpoint
-
-    from orchestrator.train_loop import CHECKPOINT_FILE
-
-    ckpt = result.checkpoint or (Checkpoint(result.metrics["checkpoint_path"])
-                                 if result.metrics.get("checkpoint_path") else None)
-    if ckpt is None:
-        raise RuntimeError(f"the selected trial {result.path} has no checkpoint")
-    return str(Path(ckpt.to_directory()) / CHECKPOINT_FILE)
+    return describe
 
 
 def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, selection, completed, parent: str,
-            tracking_uri: str, experiment: str, sweep_dir: Path) -> str:
+            tracking_uri: str, experiment: str, sweep_uri: str, run_of: dict[str, str]) -> str:
     """Select, certify on the test split with the final settings, log, and return the summary table."""
     from orchestrator import mlflow_utils
     from trainables.metrics import RADII_BY_DATASET, certacc_key
@@ -453,15 +332,22 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
         best = front[0][0]
     else:
         best = max(full, key=lambda r: float(r.metrics[tracking.VAL_ACR]))
-    best_run = best.metrics[RUN_ID_KEY]
+    best_run = run_of[str(best.metrics["trial_id"])]
     params = {k: v for k, v in best.config.items()}
     name = space.trainable_for(params)
     print(f"certifying the selected trial ({name}, run {best_run}) on {len(selection.test_indices)} "
           f"{selection.test_label} examples with n={budget.final_n} ...", flush=True)
     t0 = time.perf_counter()
-    rows = certify_split(_checkpoint_file(best), splits.test, selection.test_indices, split="test",
-                         n0=budget.final_n0, n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch,
-                         seed=args.seed, out_dir=sweep_dir / "final_certification")
+    # the pool's shards go to a local folder on the driver (resumable there when the storage is local), and the
+    # finished certification is copied into the sweep's storage
+    local = st.local_dir(st.join(sweep_uri, "final_certification"))
+    with tempfile.TemporaryDirectory(prefix="final-cert-") as tmp:
+        out_dir = local if local is not None else Path(tmp) / "final_certification"
+        rows = certify_split(checkpoint_file(best, str(Path(tmp) / "ckpt")), splits.test, selection.test_indices,
+                             split="test", n0=budget.final_n0, n=budget.final_n, alpha=budget.alpha,
+                             batch=budget.cert_batch, seed=args.seed, out_dir=out_dir)
+        if local is None:
+            st.upload_dir(out_dir, st.join(sweep_uri, "final_certification"))
     cert_s = time.perf_counter() - t0
     radii = RADII_BY_DATASET[dataset]
     cl.update_run(best_run, status="RUNNING")
@@ -476,11 +362,10 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
     mlflow_utils.log_metrics(cl, parent, {**val, **test, "final_certification_s": cert_s})
     mlflow_utils.set_tags(cl, parent, {"selected_run_id": best_run})
     if front is not None:
-        import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pareto_front.tsv"
             lines = ["run_id\t" + "\t".join(objectives)]
-            lines += [f"{r.metrics[RUN_ID_KEY]}\t" + "\t".join(f"{v:.4f}" for v in p) for r, p in front]
+            lines += [f"{run_of[str(r.metrics['trial_id'])]}\t" + "\t".join(f"{v:.4f}" for v in p) for r, p in front]
             path.write_text("\n".join(lines) + "\n")
             mlflow_utils.log_file(cl, parent, path, "pareto_front.tsv")
 
@@ -505,7 +390,7 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
         ("data source", splits.info.source),
         ("MLflow", f"sweep run {parent}, selected trial run {best_run}, experiment {experiment!r}"),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
-        ("Tune experiment", str(sweep_dir)),
+        ("Tune experiment", st.redact(sweep_uri)),
     ]
     return "\n" + format_table(rows_out) + "\n"
 

@@ -2,41 +2,49 @@
 
     python -m orchestrator.train NAME [--dataset D] [--set key=value ...] [--workers N] [--budget B] [--seed S]
         [--select train-domain|oracle] [--data-root P] [--tracking-uri URI] [--experiment NAME]
-        [--address ADDR] [--storage DIR]
+        [--address ADDR] [--storage URI] [--cpus-per-trial C] [--gpus-per-trial G] [--memory-per-trial M]
+        [--max-failures F]
+    python -m orchestrator.train --resume RUN_ID [same store flags]
 
 - `--workers 1` (default): the training loop (orchestrator/train_loop.py) runs in this process, no Ray: a
   TorchTrainer start-up costs 10-20 s on a 2-core machine and one process is all one CPU worker needs.
-- `--workers N >= 2`: Ray Train's `TorchTrainer` with N DDP workers (gloo on CPU, NCCL with GPUs); checkpoints
-  go through `ray.train.report(..., checkpoint=...)`, and a worker failure restarts from the last one
-  (`ray.train.get_checkpoint()`, FailureConfig(max_failures=1)).
-- Validation ACR (search settings of the budget) is computed and logged at the budget's evaluation epochs; after
-  training the model is certified on the test split with the budget's FINAL settings (cli_common.certify_split).
-- MLflow (orchestrator/tracking.py): one run (role "train") with every hyperparameter, per-epoch metrics,
-  val_acr per evaluation, the final checkpoint at tracking.CHECKPOINT_ARTIFACT (trainables.checkpoint format:
-  `orchestrator.certify --run-id` loads it), the validation and test TSVs and plots, and test_* metrics.
-  The run is FINISHED, or FAILED with the error; never left RUNNING.
+- `--workers N >= 2`: Ray Train's `TorchTrainer` (orchestrator/trainer.py, the same builder as the sweep's) with
+  N DDP workers; a worker failure restarts the group from the last checkpoint (`--max-failures`, default 2).
+  The per-worker request is --cpus-per-trial / --gpus-per-trial / --memory-per-trial.
+- MLflow (orchestrator/tracking.py): one run (role "train"); this process is its only writer
+  (orchestrator/mlflow_callback.py): every epoch's report, each checkpoint (tracking.CHECKPOINT_ARTIFACT,
+  replaced at every evaluation epoch, so an interrupted run can continue), the validation and test TSVs and
+  plots, test_* metrics. The run is FINISHED, or FAILED/KILLED with the error; never left RUNNING.
+- `--resume RUN_ID` continues an interrupted run (FAILED or KILLED) from its last checkpoint artifact, with the
+  settings logged in the run, into the same run; epochs already logged are not logged again.
 Prints a summary and, on the last line, the MLflow run id. Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator import tracking
+from orchestrator import cluster, tracking
+from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, get_budget
-from orchestrator.cli_common import (UsageError, certify_split, format_table, init_ray, load_splits, loop_data,
+from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
                                      make_selection, parse_sets, run_main)
+from orchestrator.train_loop import CHECKPOINT_FILE
+
+#: params of a train run that are not hyperparameters (everything --resume reads back)
+META_PARAMS = ("trainable", "dataset", "budget", "epochs", "workers", "data_source", "selection", "search_n0",
+               "search_n", "search_examples", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestrator.train", allow_abbrev=False,
                                 description="Train one configuration, certify it on the test split, log to MLflow.")
-    p.add_argument("name", help="registered trainable (glean, gaussian, drf-smoothadv, ...)")
+    p.add_argument("name", nargs="?", help="registered trainable (glean, gaussian, drf-smoothadv, ...)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted train run from its last checkpoint")
     p.add_argument("--dataset", help="dataset (default: the trainable's DEFAULT_DATASET)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a hyperparameter")
     p.add_argument("--workers", type=int, default=1, help="DDP workers (>= 2: Ray Train TorchTrainer)")
@@ -48,81 +56,135 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--address", help="Ray cluster for --workers >= 2 (default RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage", help="Ray Train storage for --workers >= 2 (default ~/ray_results)")
+    p.add_argument("--storage", help="Ray Train storage for --workers >= 2: path or URI (default ~/ray_results)")
+    cluster.add_resource_flags(p)
     return p
+
+
+def _resumed_settings(cl, args) -> tuple[str, dict]:
+    """(trainable, hparams) of the run to resume; args.dataset/budget/seed/select/workers set from it."""
+    uri = cl.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UsageError(f"--resume {args.resume}: there is no MLflow store at {uri}")
+    try:
+        run = cl.get_run(args.resume)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types
+        raise UsageError(f"--resume {args.resume}: no such run in this store") from None
+    if run.data.tags.get(tracking.TAG_ROLE) != "train":
+        raise UsageError(f"--resume {args.resume}: not a run of orchestrator.train")
+    if run.info.status == "FINISHED":
+        raise UsageError(f"--resume {args.resume}: the run already FINISHED")
+    p = run.data.params
+    if args.name and args.name != p["trainable"]:
+        raise UsageError(f"--resume {args.resume} is a {p['trainable']} run, not {args.name}")
+    args.dataset, args.budget, args.seed = p["dataset"], p["budget"], int(p["seed"])
+    args.select, args.workers = p["selection"], int(p["workers"])
+    return p["trainable"], {k: v for k, v in p.items() if k not in META_PARAMS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orchestrator import mlflow_utils
+    from orchestrator.mlflow_callback import MLflowTrainCallback, log_checkpoint_dir, log_report, logged_epochs
     from orchestrator.train_loop import LocalSession, LoopConfig, describe_exception, run_training
     from trainables.hparams import resolve
     from trainables.registry import UnknownTrainableError, get_trainable
 
     # check everything first: nothing is written on bad input
+    tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
+    cl = mlflow_utils.client(tracking_uri)
+    overrides = parse_sets(args.set)
+    name = args.name
+    if args.resume:
+        name, overrides = _resumed_settings(cl, args)
+    if not name:
+        raise UsageError("name a trainable (or --resume RUN_ID)")
     try:
-        cls = get_trainable(args.name)
+        cls = get_trainable(name)
     except UnknownTrainableError as exc:
         raise UsageError(str(exc)) from None
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    cluster.check_resource_flags(args)
     dataset = args.dataset or cls.DEFAULT_DATASET
     if dataset not in cls.DATASETS:
-        raise UsageError(f"{args.name} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
+        raise UsageError(f"{name} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
     try:
-        hparams = resolve(cls.HPARAMS, parse_sets(args.set), owner=args.name)
+        hparams = resolve(cls.HPARAMS, overrides, owner=name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     budget = get_budget(args.budget)
-    epochs = budget.epochs_for(args.name, dataset)
-    tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
+    epochs = budget.epochs_for(name, dataset)
+    storage_uri = st.normalize(args.storage)
+    try:
+        st.filesystem(storage_uri)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     splits = load_splits(dataset, args.data_root, budget)
     selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
     data = loop_data(splits, selection)
-    started = init_ray(args.address) if args.workers > 1 else False
+    started, resources = False, None
     if args.workers > 1:
-        from orchestrator.cli_common import cluster_cpus_gpus
-        cpus, gpus = cluster_cpus_gpus()
-        if gpus < args.workers and cpus < args.workers:
+        started = cluster.connect(args.address)
+        try:
+            resources = cluster.trial_resources(1, args.cpus_per_trial, args.gpus_per_trial, args.memory_per_trial)
+            cpus, gpus = cluster.cluster_cpus_gpus()
+            per = resources.trial.get("gpu") or resources.trial["cpu"]
+            if per and (gpus if resources.use_gpu else cpus) < per * args.workers and not args.address:
+                raise UsageError(f"--workers {args.workers} needs {per * args.workers:g} "
+                                 f"{'GPUs' if resources.use_gpu else 'CPUs'}; this machine has "
+                                 f"{int(gpus if resources.use_gpu else cpus)}")
+            cluster.preflight(storage_uri, cluster.data_paths(splits))
+        except BaseException:
             if started:
                 import ray
                 ray.shutdown()
-            raise UsageError(f"--workers {args.workers} needs {args.workers} CPUs; the cluster has {int(cpus)}")
+            raise
 
-    cl = mlflow_utils.client(tracking_uri)
     experiment = args.experiment or dataset
-    experiment_id = mlflow_utils.ensure_experiment(cl, experiment, tracking_uri)
-    run_id = mlflow_utils.create_run(cl, experiment_id, f"{args.name}-train", {
-        tracking.TAG_ROLE: "train", tracking.TAG_TRAINABLE: args.name, tracking.TAG_DATASET: dataset,
-        tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
-        tracking.TAG_SELECTION: args.select, tracking.TAG_DATA_SOURCE: splits.info.source,
-        tracking.TAG_GIT_COMMIT: mlflow_utils.git_commit(), tracking.TAG_SEED: args.seed})
+    if args.resume:
+        run_id = args.resume
+        cl.update_run(run_id, status="RUNNING")
+    else:
+        experiment_id = mlflow_utils.ensure_experiment(cl, experiment, tracking_uri)
+        run_id = mlflow_utils.create_run(cl, experiment_id, f"{name}-train", {
+            tracking.TAG_ROLE: "train", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: dataset,
+            tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
+            tracking.TAG_SELECTION: args.select, tracking.TAG_DATA_SOURCE: splits.info.source,
+            tracking.TAG_GIT_COMMIT: mlflow_utils.git_commit(), tracking.TAG_SEED: args.seed})
     try:
-        mlflow_utils.log_params(cl, run_id, {**hparams, "trainable": args.name, "dataset": dataset,
+        mlflow_utils.log_params(cl, run_id, {**hparams, "trainable": name, "dataset": dataset,
                                              "budget": budget.name, "epochs": epochs, "workers": args.workers,
                                              "data_source": splits.info.source, "selection": args.select,
                                              "search_n0": budget.search_n0, "search_n": budget.search_n,
                                              "search_examples": len(selection.sel_indices), "seed": args.seed})
-        cfg = LoopConfig(trainable=args.name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
+        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
-                         alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=tracking_uri, run_id=run_id)
+                         alpha=budget.alpha, cert_batch=budget.cert_batch)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="train-") as tmp:
+            resume_dir = _last_checkpoint(cl, run_id, Path(tmp) / "resume") if args.resume else None
             if args.workers == 1:
-                session = LocalSession(tmp)
-                last = run_training(cfg, data, session)
-                checkpoint_file = str(Path(tmp) / "model.pt")
-                rows = _certify(checkpoint_file, splits, selection, budget, args.seed)
+                ckpt_dir = resume_dir or Path(tmp) / "ckpt"
+                logged = logged_epochs(cl, run_id)
+
+                def on_report(report, checkpoint_dir):
+                    log_report(cl, run_id, report, logged)
+                    if checkpoint_dir:   # every checkpoint becomes the run's artifact: --resume finds it
+                        log_checkpoint_dir(cl, run_id, checkpoint_dir)
+
+                last = run_training(cfg, data, LocalSession(ckpt_dir, resume=resume_dir is not None,
+                                                            on_report=on_report))
+                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed)
             else:
-                last, checkpoint_dir = _fit_torch_trainer(cfg, data, args, run_id)
-                with checkpoint_dir.as_directory() as d:
-                    rows = _certify(str(Path(d) / "model.pt"), splits, selection, budget, args.seed)
+                last, rows = _fit_torch_trainer(cfg, data, args, run_id, tracking_uri, storage_uri, resources,
+                                                resume_dir, splits, selection, budget, MLflowTrainCallback)
         train_s = time.perf_counter() - t0
         from trainables.metrics import RADII_BY_DATASET
 
         radii = RADII_BY_DATASET[dataset]
         test = mlflow_utils.log_certification(cl, run_id, rows, "test", radii, prefix=tracking.TEST_PREFIX,
-                                              title=f"{args.name} (test)")
+                                              title=f"{name} (test)")
         mlflow_utils.log_metrics(cl, run_id, {"wall_time_s": train_s})
         mlflow_utils.set_tags(cl, run_id, {"test_examples": selection.test_label})
     except BaseException as exc:
@@ -134,10 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import ray
             ray.shutdown()
     mlflow_utils.close_run(cl, run_id, "FINISHED")
+    val = last.get(tracking.VAL_ACR, cl.get_run(run_id).data.metrics.get(tracking.VAL_ACR, float("nan")))
     print(format_table([
-        ("trained", f"{args.name} on {dataset}, {epochs} epochs, {args.workers} worker(s), budget {budget.name}"),
-        ("validation ACR", f"{last.get(tracking.VAL_ACR, float('nan')):.4f}   [{len(selection.sel_indices)} "
-                           f"{selection.sel_split} examples, n={budget.search_n}]"),
+        ("trained", f"{name} on {dataset}, {epochs} epochs, {args.workers} worker(s), budget {budget.name}"
+                    + (f", resumed run {run_id}" if args.resume else "")),
+        ("validation ACR", f"{val:.4f}   [{len(selection.sel_indices)} {selection.sel_split} examples, "
+                           f"n={budget.search_n}]"),
         ("test ACR", f"{test[tracking.TEST_PREFIX + 'acr']:.4f}   [{len(selection.test_indices)} "
                      f"{selection.test_label} examples, n={budget.final_n}]"),
         ("data source", splits.info.source),
@@ -147,31 +211,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _last_checkpoint(cl, run_id: str, dst: Path) -> Path | None:
+    """The run's last checkpoint artifact downloaded into `dst` (None when it has none: start from epoch 0)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        path = cl.download_artifacts(run_id, tracking.CHECKPOINT_ARTIFACT, str(dst))
+    except Exception:  # noqa: BLE001 - no checkpoint logged yet
+        return None
+    return Path(path).parent
+
+
 def _certify(checkpoint_file: str, splits, selection, budget, seed: int):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
                          n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
 
 
-def _fit_torch_trainer(cfg, data, args, run_id: str):
-    """Data-parallel training under Ray Train. Returns (last rank-0 metrics, the final Checkpoint)."""
+def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_uri: str, resources,
+                       resume_dir: Path | None, splits, selection, budget, callback_cls):
+    """Data-parallel training under Ray Train; returns (last rank-0 report, test certification rows)."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import Checkpoint
 
-    from orchestrator.cli_common import cluster_cpus_gpus
-    from orchestrator.train_loop import train_worker
+    from orchestrator.trainer import build_torch_trainer
 
-    use_gpu = cluster_cpus_gpus()[1] >= args.workers
-    storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
-    trainer = TorchTrainer(
-        train_worker, train_loop_config={"cfg": cfg, "data": ray.put(data)},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"train-{run_id}", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=1)))
+    resume = None
+    if resume_dir is not None:   # through the storage: every worker node must read it
+        uri = st.join(storage_uri, f"train-{run_id}-resume")
+        st.upload_dir(resume_dir, uri)
+        fs, path = st.filesystem(uri)
+        resume = Checkpoint(path, filesystem=fs)
+    trainer = build_torch_trainer(cfg, ray.put(data), workers=args.workers, use_gpu=resources.use_gpu,
+                                  resources_per_worker={k.upper() if k != "memory" else k: v
+                                                        for k, v in resources.trial.items()},
+                                  storage=storage_uri, name=f"train-{run_id}", max_failures=args.max_failures,
+                                  callbacks=[callback_cls(tracking_uri, run_id)], resume_from=resume)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("Ray Train returned no checkpoint")
-    return dict(result.metrics or {}), result.checkpoint
+    with result.checkpoint.as_directory() as d:
+        rows = _certify(str(Path(d) / CHECKPOINT_FILE), splits, selection, budget, args.seed)
+    return dict(result.metrics or {}), rows
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 """The one training loop, for every trainable and every way it runs.
 
-`run_training(cfg, data, session)` trains `cfg.trainable` for `cfg.epochs` epochs and, after each epoch in
-`cfg.eval_epochs`, certifies the selection examples (the validation split, or the oracle's test-domain
-hold-out) with the search settings and reports {epoch, val_acr, val_clean_acc} with a checkpoint. The
-`session` says where it runs:
+`run_training(cfg, data, session)` trains `cfg.trainable` for `cfg.epochs` epochs and reports every epoch
+{epoch, world_size, train_<metric>..., step_metrics: [[global step, {name: value}], ...]}; after each epoch in
+`cfg.eval_epochs` it also certifies the selection examples (the validation split, or the oracle's test-domain
+hold-out) with the search settings and adds {val_acr, val_clean_acc} and a checkpoint. The final report's
+checkpoint directory also holds the validation TSV and plot (at tracking.cert_*_artifact paths) and the
+trainable's write_artifacts files, and the report the validation summary (<split>_acr, <split>_certacc_r*).
+The loop never opens MLflow: whoever receives the reports logs them (orchestrator/mlflow_callback.py: the
+sweep's driver-side Tune callback, or orchestrator.train). The `session` says where it runs:
 
 - LocalSession: in this process, no Ray (`orchestrator.train` with one worker; the benchmark's direct call).
 - TuneSession: directly inside a Ray Tune trial (one worker per trial; the sweep's default): `tune.report`.
 - TrainSession: inside a Ray Train worker of a `TorchTrainer` (`--workers N >= 2`, DDP over gloo/NCCL):
-  `ray.train.report` from every rank, the checkpoint and the MLflow logging from rank 0, the training data
+  `ray.train.report` from every rank, the checkpoint from rank 0, the training data
   sharded by rank, the network wrapped by `ray.train.torch.prepare_model`. Inside a sweep the trainer's
   reports reach Tune through TuneReportCallback.
 
@@ -19,8 +23,8 @@ certify CLI can load it); they go through the Ray checkpoint API and are read ba
 Guarantees: the batch order of epoch e is a permutation drawn from a generator seeded by (seed, e), so a run
 resumed from a checkpoint at epoch e trains on the same batches as an uninterrupted one; the validation
 certificate of example i uses noise seeded by (seed, i) (certify_many), so every trial and every rung is scored
-on the same noise. The final report is made after all the final logging (checkpoint artifact, validation TSV
-and plot), because a trial that the scheduler stops at its last report never runs code after it.
+on the same noise. The final report is the loop's last act: a trial that the scheduler stops at its last
+report never runs code after it.
 """
 from __future__ import annotations
 
@@ -55,8 +59,6 @@ class LoopConfig:
     n: int = 1000
     alpha: float = 0.001
     cert_batch: int = 1000
-    tracking_uri: str | None = None       # MLflow: per-epoch metrics and final artifacts go to run_id
-    run_id: str | None = None
     device: str = "cpu"
     report_extra: dict[str, Any] = field(default_factory=dict)   # added to every report (e.g. the MLflow run id)
 
@@ -80,10 +82,11 @@ class LocalSession:
 
     rank, world = 0, 1
 
-    def __init__(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False):
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, on_report=None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.resume = resume
         self.reports: list[dict[str, Any]] = []
+        self.on_report = on_report   # on_report(metrics, checkpoint_dir or None): orchestrator.train logs there
 
     def get_checkpoint(self):
         from ray.train import Checkpoint
@@ -97,6 +100,8 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
+        if self.on_report is not None:
+            self.on_report(metrics, checkpoint_dir)
         if checkpoint_dir and self.checkpoint_dir:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.checkpoint_dir / f".tmp-{CHECKPOINT_FILE}"
@@ -233,15 +238,9 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         start = int(blob["epoch"])
     trainable.distribute(session.wrap)
 
-    mlflow = None
-    if rank0 and cfg.tracking_uri and cfg.run_id:
-        from orchestrator import mlflow_utils
-        mlflow = mlflow_utils.client(cfg.tracking_uri)
-
     tensors = materialize(data.train)
     n_train = len(tensors[1]) if tensors is not None else len(data.train)
     batch_size = int(trainable.hparams.get("batch_size", 256))
-    history: list[tuple[int, dict[str, float]]] = []
     last: dict[str, Any] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -260,39 +259,45 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         epoch_metrics.update({k: float(v) for k, v in trainable.end_epoch(epoch).items()})
         epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
         done = epoch + 1
-        history.append((done, epoch_metrics))
-        if done not in cfg.eval_epochs and done != cfg.epochs:
-            continue
-
+        # every epoch is reported (C4): the driver logs it to MLflow once (deduplicated by epoch), so a crash
+        # loses no finished epoch; only evaluation epochs add validation metrics and a checkpoint
+        step_metrics = getattr(trainable, "step_metrics", lambda: [])()
         report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
-                                  **{f"train_{k}": v for k, v in epoch_metrics.items()}}
+                                  **{f"train_{k}": v for k, v in epoch_metrics.items()},
+                                  "step_metrics": [[int(s), dict(m)] for s, m in step_metrics]}
+        if done not in cfg.eval_epochs and done != cfg.epochs:
+            last = report
+            session.report(report, None)
+            continue
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             if rank0:
                 rows = certify_selection(trainable, data, cfg)
                 report.update(selection_metrics(rows))
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
-                if mlflow is not None:
-                    from orchestrator import mlflow_utils
-                    mlflow_utils.log_metric_history(mlflow, cfg.run_id, history)
-                    mlflow_utils.log_metrics(mlflow, cfg.run_id, {k: report[k] for k in
-                                             (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC, "world_size")}, step=done)
-                    if done == cfg.epochs:   # final logging before the final report (see module docstring)
-                        _log_final(mlflow, cfg, data, rows, Path(tmp) / CHECKPOINT_FILE)
-                history = []
+                if done == cfg.epochs:   # the final report carries the run's artifacts in its checkpoint dir
+                    report.update(_final_artifacts(trainable, cfg, data, rows, Path(tmp)))
             last = report
             session.report(report, tmp)
     return last
 
 
-def _log_final(mlflow, cfg: LoopConfig, data: LoopData, rows, checkpoint_path: Path) -> None:
-    from orchestrator import mlflow_utils
+def _final_artifacts(trainable, cfg: LoopConfig, data: LoopData, rows, directory: Path) -> dict[str, float]:
+    """Write the validation certification (TSV + plot, at their tracking.cert_*_artifact paths) and the
+    trainable's own files (C3 write_artifacts) beside model.pt; return the validation summary metrics."""
+    from trainables import metrics as M
     from trainables.metrics import RADII_BY_DATASET
 
-    mlflow_utils.log_file(mlflow, cfg.run_id, checkpoint_path, tracking.CHECKPOINT_ARTIFACT)
     radii = RADII_BY_DATASET.get(data.info.name, (0.0,))
-    mlflow_utils.log_certification(mlflow, cfg.run_id, rows, data.sel_split, radii,
-                                   prefix=f"{data.sel_split}_", title=f"{cfg.trainable} ({data.sel_split})")
+    tsv = directory / tracking.cert_tsv_artifact(data.sel_split)
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    M.write_tsv(rows, tsv)
+    M.plot_certified_accuracy({f"{cfg.trainable} ({data.sel_split})": M.read_tsv(tsv)},
+                              directory / tracking.cert_plot_artifact(data.sel_split), radii=radii)
+    write = getattr(trainable, "write_artifacts", None)
+    if write is not None:
+        write(directory)
+    return M.summarize(rows, radii, prefix=f"{data.sel_split}_")
 
 
 # --- Ray entry points (module-level functions: picklable) ------------------------------------------------------

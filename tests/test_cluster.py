@@ -90,3 +90,181 @@ def test_ray_job_submit_smoke_sweep(tmp_path):
         kill_session(head.pid)             # then anything left in its session, by PID
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not session_pids(head.pid)
+
+
+# --- storage URIs (a real S3-compatible server), the pre-flight and per-trial resources ---------------------------
+from s3 import s3_server  # noqa: E402,F401  (fixture)
+
+from orchestrator import cluster as cluster_mod  # noqa: E402
+from orchestrator import storage as st  # noqa: E402
+from orchestrator import sweep  # noqa: E402
+from orchestrator.cli_common import UsageError, run_main  # noqa: E402
+
+
+def test_storage_uris_local_and_s3(s3_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert st.normalize("rel/x") == str(tmp_path / "rel" / "x")        # a local path is made absolute
+    uri = s3_server.uri("unit")
+    assert st.normalize(uri) == uri                                     # a URI is never Path.resolve()d
+    assert st.join(uri, "a", "b.json").split("?")[0].endswith("/unit/a/b.json")
+    for base in (str(tmp_path / "store"), (tmp_path / "store2").as_uri(), uri):
+        assert st.read_text(st.join(base, "s-1", "sweep.json")) is None
+        st.write_text(st.join(base, "s-1", "sweep.json"), '{"a": 1}')
+        st.write_text(st.join(base, "s-2", "sweep.json"), '{"a": 2}')
+        assert st.read_text(st.join(base, "s-2", "sweep.json")) == '{"a": 2}'
+        assert st.list_dirs(base, "s-") == ["s-1", "s-2"] and st.list_dirs(base, "x") == []
+    (tmp_path / "up" / "sub").mkdir(parents=True)
+    (tmp_path / "up" / "sub" / "f.tsv").write_text("idx\n")
+    st.upload_dir(tmp_path / "up", st.join(uri, "final"))
+    assert "unit/final/sub/f.tsv" in s3_server.keys("unit/")
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_unreachable_storage_exits_2_before_anything_is_written(ray_local, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cluster_mod, "STORAGE_TIMEOUT_S", 15.0)
+    dead = f"s3://k:s@bucket/x?endpoint_override=127.0.0.1:{_free_port()}&scheme=http&region=us-east-1"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = run_main(sweep.main, ["gaussian", "--budget", "smoke", "--trials", "1", "--tracking-uri", uri,
+                               "--storage", dead])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "is not reachable from the driver" in err, err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus-per-trial", "1"], "more than any node has"),
+    (["--gpus-per-trial", "1.5"], "above 1 it must be whole"),
+    (["--cpus-per-trial", "-1"], "--cpus-per-trial must be a finite number >= 0"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0"),
+    (["--storage", "nosuchscheme://x/y"], "--storage 'nosuchscheme://x/y'"),
+])
+def test_bad_resources_exit_2(ray_local, argv, message, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = run_main(sweep.main, ["gaussian", "--budget", "smoke", "--trials", "1", "--tracking-uri", uri,
+                               "--storage", str(tmp_path / "ray"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
+
+
+def test_trial_resources_are_requests_not_a_snapshot_cap(ray_local):
+    one = cluster_mod.trial_resources(1, 0.5, None, 2 ** 30)
+    assert one.trial == {"cpu": 0.5, "memory": 2 ** 30} and not one.use_gpu and one.capacity == 4
+    ddp = cluster_mod.trial_resources(2, None, None, None)
+    # one machine: the documented {"cpu": 0} trick (the trial only drives the trainer's 2 workers)
+    assert ddp.trial == {"cpu": 0, "memory": 1} and ddp.per_worker == {"CPU": 1.0} and ddp.capacity == 1
+    with pytest.raises(UsageError, match="more than any node has"):
+        cluster_mod.trial_resources(1, 1, 0.5, None)
+
+
+def test_sweep_on_s3_storage_logs_from_the_driver_only(ray_local, s3_server, tmp_path, capsys):
+    """Storage as a URI end to end: Tune's experiment, checkpoints, sweep.json and the final certification in
+    the bucket, nothing under a local `s3:` folder; every epoch of the trial in MLflow once."""
+    storage = s3_server.uri("sweep")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["gaussian", "--budget", "smoke", "--trials", "1", "--dataset", "cmnist", "--tracking-uri", uri,
+            "--storage", storage]
+    assert sweep.main(argv) == 0
+    keys = s3_server.keys("sweep/")
+    assert any(k.endswith("/sweep.json") for k in keys)
+    assert any("/final_certification/" in k and k.endswith("test.tsv") for k in keys)
+    assert any("/checkpoint_" in k and k.endswith("model.pt") for k in keys)
+    assert not list(Path.cwd().glob("s3:*")) and not list(tmp_path.glob("s3:*"))
+    cl = mlflow.MlflowClient(uri)
+    (trial,) = [r for r in cl.search_runs([e.experiment_id for e in cl.search_experiments()])
+                if r.data.tags.get(tracking.TAG_ROLE) == "trial"]
+    epochs = [m.step for m in cl.get_metric_history(trial.info.run_id, "loss")]
+    assert sorted(epochs) == list(range(1, int(trial.data.params["epochs"]) + 1))    # every epoch, once
+    arts = {a.path for a in cl.list_artifacts(trial.info.run_id, "certification")}
+    assert tracking.cert_tsv_artifact("val") in arts and tracking.cert_tsv_artifact("test") in arts
+    capsys.readouterr()
+    assert sweep.main(argv + ["--resume"]) == 0 and "already complete" in capsys.readouterr().out
+
+
+# --- a real two-node cluster (tests/cluster.py): the head has no CPU, the worker cannot see the driver's disk ---
+from cluster import two_nodes  # noqa: E402,F401  (fixture)
+
+SLOW = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _store_runs(uri: str) -> list:
+    cl = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in cl.search_experiments()]
+    return cl.search_runs(ids, max_results=1000) if ids else []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_nodes_default_sweep_with_shared_storage(two_nodes, s3_server):
+    """The default `orchestrator.sweep glean --budget smoke` (default ./mlflow.db in the driver's directory,
+    which the worker node cannot see) with shared S3 storage: every trial ran on the worker node (the head has
+    no CPU), every run is in the driver's store with every epoch once, all FINISHED."""
+    done = two_nodes.run("orchestrator.sweep", "glean", "--budget", "smoke", "--address", two_nodes.address,
+                         "--storage", s3_server.uri("two-nodes"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "test ACR" in done.stdout
+    uri = f"sqlite:///{two_nodes.driver_dir / 'mlflow.db'}"
+    runs = _store_runs(uri)
+    trials = [r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    cl = mlflow.MlflowClient(uri)
+    for r in trials:
+        steps = [m.step for m in cl.get_metric_history(r.info.run_id, "epoch")]
+        assert len(steps) == len(set(steps)) >= 1
+    assert not (two_nodes.driver_dir / "mlruns").exists() or list((two_nodes.driver_dir / "mlruns").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_storage_not_shared_exits_2_and_starts_nothing(two_nodes):
+    local = two_nodes.hidden / "ray_results"
+    done = two_nodes.run("orchestrator.sweep", "gaussian", "--budget", "smoke", "--trials", "1", "--address",
+                         two_nodes.address, "--storage", str(local), timeout=180)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(err) == 1 and err[0].startswith("error: node 127.0.0.1") and "pass shared storage" in err[0], err
+    assert not (two_nodes.driver_dir / "mlflow.db").exists()
+    assert not [p for p in local.rglob("*") if p.is_file()], "nothing is left in the storage"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_data_root_missing_on_a_node_exits_2(two_nodes):
+    """File-backed datasets read their images on every node: the pre-flight checks them there."""
+    image = two_nodes.hidden / "data" / "img_000001.jpg"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(b"\xff\xd8")
+    code = ("import sys, ray\nfrom orchestrator import cluster\nfrom orchestrator.cli_common import UsageError\n"
+            f"ray.init(address={two_nodes.address!r}, log_to_driver=False)\n"
+            f"try:\n    cluster.preflight(None, [{str(image)!r}])\nexcept UsageError as e:\n"
+            "    print(e); sys.exit(2)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=two_nodes.driver_dir, env=two_nodes.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stdout.startswith("node 127.0.0.1") and f"data path {image} does not exist" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_nodes_certify_two_actors_matches_one_local_actor(two_nodes, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**two_nodes.env}
+    trained = subprocess.run([sys.executable, "-m", "orchestrator.train", "gaussian", "--budget", "smoke",
+                              "--tracking-uri", uri], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_id = trained.stdout.strip().splitlines()[-1]
+    ckpt = mlflow.MlflowClient(uri).download_artifacts(run_id, tracking.CHECKPOINT_ARTIFACT, str(tmp_path))
+    common = ["orchestrator.certify", "--checkpoint", ckpt, "--n0", "8", "--n", "64", "--max", "12",
+              "--shard-size", "3", "--no-progress"]
+    on_cluster = two_nodes.run(*common, "--actors", "2", "--address", two_nodes.address, "--out",
+                               str(tmp_path / "cluster"), timeout=300)
+    assert on_cluster.returncode == 0, on_cluster.stderr[-3000:]
+    local_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    alone = subprocess.run([sys.executable, "-m", *common, "--actors", "1", "--out", str(tmp_path / "local")],
+                           cwd=tmp_path, env=local_env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    a = (tmp_path / "cluster" / "test.tsv").read_text().splitlines()
+    b = (tmp_path / "local" / "test.tsv").read_text().splitlines()
+    strip = [line for line in a if not line.startswith("#")], [line for line in b if not line.startswith("#")]
+    assert strip[0] == strip[1] and len(strip[0]) == 13

@@ -67,3 +67,50 @@ def test_bad_input(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "m.db").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint_into_the_same_run(mlflow_uri, tmp_path, capsys, monkeypatch):
+    """A run that fails after its epoch-1 checkpoint, then `--resume RUN_ID`: training restarts at epoch 2 from
+    the checkpoint artifact, in the same run, every epoch logged exactly once."""
+    import dataclasses
+
+    from orchestrator import budgets, train_loop
+
+    smoke = budgets.BUDGETS["smoke"]
+    monkeypatch.setitem(budgets.BUDGETS, "smoke", dataclasses.replace(smoke, evals=2))   # checkpoints at 1, 2
+    real_certify, calls = train_loop.certify_selection, []
+
+    def fail_at_epoch_2(*a, **kw):   # the injected fault
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return real_certify(*a, **kw)
+
+    monkeypatch.setattr(train_loop, "certify_selection", fail_at_epoch_2)
+    argv = ["--budget", "smoke", "--tracking-uri", mlflow_uri]
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train.main(["gaussian", "--dataset", "cmnist", "--set", "lr=0.02", *argv])
+    cl = mlflow.MlflowClient(mlflow_uri)
+    (run,) = cl.search_runs([e.experiment_id for e in cl.search_experiments()])
+    assert run.info.status == "FAILED" and [m.step for m in cl.get_metric_history(run.info.run_id, "epoch")] == [1]
+
+    monkeypatch.setattr(train_loop, "certify_selection", real_certify)
+    trained = []
+    real_batches = train_loop.epoch_batches
+    monkeypatch.setattr(train_loop, "epoch_batches", lambda *a, **kw: (trained.append(a[3]), real_batches(*a, **kw))[1])
+    capsys.readouterr()
+    assert train.main(["--resume", run.info.run_id, "--tracking-uri", mlflow_uri]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == run.info.run_id
+    assert trained == [1], "only epoch 2 (index 1) is trained again"
+    done = _check_run(mlflow_uri, run.info.run_id, tmp_path, "gaussian", 1)
+    assert done.data.params["lr"] == "0.02" and done.data.params["dataset"] == "cmnist"
+    for key in ("epoch", "loss"):
+        assert sorted(m.step for m in cl.get_metric_history(run.info.run_id, key)) == [1, 2]
+    assert len(cl.search_runs([run.info.experiment_id])) == 1
+
+
+def test_resume_bad_input(mlflow_uri, tmp_path, capsys):
+    rc = run_main(train.main, ["--resume", "0123456789abcdef", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "no MLflow store" in err
+    assert not (tmp_path / "x.db").exists()

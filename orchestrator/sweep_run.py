@@ -1,0 +1,168 @@
+"""What `orchestrator.sweep` runs on Ray: the trial function, the Tuner around it, and closing the trial runs.
+
+A trial never touches MLflow (C4): it trains through the one training loop and reports every epoch; the
+driver's MLflowTrialCallback (orchestrator/mlflow_callback.py) logs the reports. Every epoch is reported but
+only evaluation epochs carry the objective, so Tune's strict metric check is off and `EvaluationsOnly` hands
+the searcher only the reports that carry it (ASHA already ignores the others).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import tracking
+from orchestrator.budgets import Budget
+
+
+@dataclass
+class SweepSetup:
+    """What every trial needs besides its sampled config (pickled to the trials once)."""
+
+    space: Any                       # search_spaces.Space
+    budget: Budget
+    dataset: str
+    selection: str
+    seed: int
+    workers: int
+    use_gpu: bool
+    resources_per_worker: dict
+    sweep_id: str
+    storage: str                     # storage URI (orchestrator.storage)
+    max_failures: int
+
+
+def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
+    """One Tune trial: train `config` through the one training loop (reports reach the driver's callback).
+    `data`: the LoopData's ObjectRef, put once by the driver (Tune resolves it in this process)."""
+    from ray import tune
+
+    from orchestrator.train_loop import LoopConfig, TuneSession, run_training
+
+    space, budget = setup.space, setup.budget
+    name = space.trainable_for(config)
+    epochs = budget.epochs_for(name, setup.dataset)
+    cfg = LoopConfig(trainable=name, hparams=space.hparams_for(config), epochs=epochs,
+                     eval_epochs=budget.eval_epochs(epochs), seed=setup.seed, selection=setup.selection,
+                     n0=budget.search_n0, n=budget.search_n, alpha=budget.alpha, cert_batch=budget.cert_batch,
+                     device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu")
+    if setup.workers == 1:
+        run_training(cfg, _resolve(data), TuneSession())
+        return
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.trainer import build_torch_trainer
+
+    ref = data if isinstance(data, ray.ObjectRef) else ray.put(data)
+    # a stable name per trial: a restarted trial's trainer finds its own checkpoints
+    build_torch_trainer(cfg, ref, workers=setup.workers, use_gpu=setup.use_gpu,
+                        resources_per_worker=setup.resources_per_worker, storage=setup.storage,
+                        name=f"{setup.sweep_id}-train-{tune.get_context().get_trial_id()}",
+                        max_failures=setup.max_failures, callbacks=[TuneReportCallback()]).fit()
+
+
+def _resolve(data):
+    import ray
+
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
+try:
+    from ray.tune.search import ConcurrencyLimiter as _Limiter
+except ImportError:  # pragma: no cover
+    _Limiter = object
+
+
+class EvaluationsOnly(_Limiter):
+    """A ConcurrencyLimiter that passes the searcher only the results carrying its metric (evaluation epochs):
+    Ray's OptunaSearch indexes result[metric] in every on_trial_result."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        metric = self.searcher.metric
+        metrics = metric if isinstance(metric, list) else [metric]
+        if all(m in result for m in metrics if m):
+            self.searcher.on_trial_result(trial_id, result)
+
+
+def make_sampler(kind: str, seed: int, objectives: int):
+    import optuna
+
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def build_tuner(*, trainable, space, objectives, sampler: str, seed: int, trials: int, concurrency: int,
+                max_epochs: int, rungs: tuple[int, ...], sweep_uri: str, storage_uri: str, name: str,
+                max_failures: int, callbacks: list, restore: bool):
+    """A new Tuner for the sweep, or Tuner.restore of the one stored at `sweep_uri` (resume_errored)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator import storage as st
+
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"   # non-evaluation epochs carry no objective
+    fs, path = st.filesystem(sweep_uri)
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    optuna_sampler = make_sampler(sampler, seed, len(objectives))
+    if len(objectives) == 1:
+        searcher = EvaluationsOnly(OptunaSearch(sampler=optuna_sampler), concurrency)
+        scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
+                                  reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 else FIFOScheduler()
+        tune_config = tune.TuneConfig(metric=objectives[0], mode="max", search_alg=searcher, scheduler=scheduler,
+                                      num_samples=trials, reuse_actors=True)
+    else:  # ASHA stops on one metric: a two-objective search runs every trial to the end
+        searcher = EvaluationsOnly(OptunaSearch(metric=list(objectives), mode=["max"] * len(objectives),
+                                                sampler=optuna_sampler), concurrency)
+        tune_config = tune.TuneConfig(search_alg=searcher, num_samples=trials, reuse_actors=True)
+    return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config,
+                      run_config=tune.RunConfig(
+                          name=name, checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                          failure_config=tune.FailureConfig(max_failures=max_failures), callbacks=callbacks,
+                          verbose=1, **st.run_config_kwargs(storage_uri)))
+
+
+def close_sweep_runs(cl, experiment_id: str, parent: str, results) -> dict[str, str]:
+    """After Tuner.fit: the safety net behind MLflowTrialCallback. Every trial run still RUNNING is closed
+    (FAILED for an errored result, else FINISHED); a run whose trial Tune never saved (started by a driver
+    killed before Tune's state was written: Tune reruns that work under a new trial id after --resume) is
+    deleted so no trial counts twice. Returns Tune trial id -> MLflow run id."""
+    from orchestrator import mlflow_utils
+
+    runs = mlflow_utils.trial_runs(cl, experiment_id, parent)
+    known = {str((r.metrics or {}).get("trial_id", "")) for r in results} | {Path(r.path).name for r in results
+                                                                              if r.path}
+    errored = {str((r.metrics or {}).get("trial_id", "")): r for r in results if r.error is not None}
+    for tune_id, run in runs.items():
+        if run.info.status != "RUNNING":
+            continue
+        if tune_id in errored:
+            mlflow_utils.close_run(cl, run.info.run_id, "FAILED",
+                                   str(errored[tune_id].error).strip().splitlines()[-1][:500])
+        elif not any(tune_id and (tune_id == k or tune_id in k) for k in known):
+            mlflow_utils.set_tags(cl, run.info.run_id, {tracking.TAG_ERROR: "orphaned by an interrupted sweep"})
+            mlflow_utils.close_run(cl, run.info.run_id, "KILLED")
+            cl.delete_run(run.info.run_id)
+        else:
+            mlflow_utils.close_run(cl, run.info.run_id, "FINISHED")
+    return {tid: run.info.run_id for tid, run in runs.items()}
+
+
+def checkpoint_file(result, local_dir: str) -> str:
+    """model.pt of a result's last checkpoint, downloaded from the storage into `local_dir`."""
+    from ray.train import Checkpoint
+
+    from orchestrator.train_loop import CHECKPOINT_FILE
+
+    ckpt = result.checkpoint
+    if ckpt is None and result.metrics.get("checkpoint_path"):   # TorchTrainer inside the trial
+        ckpt = Checkpoint(result.metrics["checkpoint_path"], filesystem=result.filesystem)
+    if ckpt is None:
+        raise RuntimeError(f"the selected trial {result.path} has no checkpoint")
+    return str(Path(ckpt.to_directory(local_dir)) / CHECKPOINT_FILE)

@@ -1,0 +1,129 @@
+"""Test helper: a two-node Ray cluster on one machine, as a second machine would see it.
+
+The head (`ray start --head --num-cpus 0`: every trial, task and actor must run elsewhere) and one worker node
+with 2 CPUs started in a private mount namespace (`unshare -m --propagation private`) where tmpfs mounts hide
+what a second machine would not share: the driver's working directory (`TwoNodes.driver_dir`, where the
+default ./mlflow.db lands), `TwoNodes.hidden` (a local "storage" the worker must not see), ~/ray_results,
+~/.cache and ~/.ray. The interpreter and the project stay visible (a real worker runs the same image).
+Every fixed default port is moved to a free one (others run Ray on this machine); RAY_AUTH_MODE=disabled
+everywhere (the worker's private ~/.ray holds no token). Teardown ends exactly the two process sessions this
+fixture started, by PID (never `ray stop`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from processes import kill_session, session_pids
+from s3 import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _ports(*flags: str) -> list[str]:
+    out: list[str] = []
+    for flag in flags:
+        out += [flag, str(free_port())]
+    return out
+
+
+@dataclass
+class TwoNodes:
+    address: str
+    driver_dir: Path      # the driver's working directory: hidden from the worker node
+    hidden: Path          # a folder the driver sees and the worker does not
+    env: dict
+
+    def run(self, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """`python -m <args>` as a driver of this cluster (from driver_dir)."""
+        return subprocess.run([sys.executable, "-m", *args], cwd=cwd or self.driver_dir, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+def _unshare_works() -> str | None:
+    if shutil.which("unshare") is None:
+        return "`unshare` is not installed: the worker node cannot get a private mount namespace"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`unshare -m` is not permitted here ({probe.stderr.strip()[:200]}); CI runs as root"
+    return None
+
+
+def _wait_for_nodes(address: str, env: dict, n: int, timeout: float = 120) -> None:
+    code = ("import ray, time, sys\n"
+            f"ray.init(address={address!r}, log_to_driver=False)\n"
+            f"deadline = time.time() + {timeout}\n"
+            f"while sum(1 for x in ray.nodes() if x['Alive']) < {n}:\n"
+            "    if time.time() > deadline: sys.exit(1)\n"
+            "    time.sleep(0.5)\n")
+    deadline = time.time() + timeout
+    while True:
+        probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               timeout=timeout + 30)
+        if probe.returncode == 0:
+            return
+        if time.time() > deadline:
+            pytest.fail(f"the two-node cluster did not come up: {probe.stderr[-2000:]}")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    why = _unshare_works()
+    if why:
+        pytest.skip(why)
+    if not (BIN / "ray").exists():
+        pytest.fail(f"the ray CLI is not installed next to {sys.executable}")
+    base = tmp_path_factory.mktemp("two-nodes")
+    driver_dir, hidden = base / "driver", base / "hidden"
+    driver_dir.mkdir()
+    hidden.mkdir()
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="r2n", dir="/tmp")   # short: Ray's unix sockets live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_STORAGE"):
+        env.pop(k, None)
+    node_ports = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                  "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+    head_cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                str(port), "--num-cpus", "0", "--num-gpus", "0", "--temp-dir", temp_dir,
+                "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+                *_ports("--dashboard-port", "--ray-client-server-port", *node_ports)]
+    home = Path.home()
+    hide = [driver_dir, hidden, home / "ray_results", home / ".cache", home / ".ray"]
+    mounts = " && ".join(f"mkdir -p {p} && mount -t tmpfs tmpfs {p}" for p in hide)
+    worker_cmd = " ".join([str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{port}",
+                           "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+                           *_ports(*node_ports)])
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(subprocess.Popen(head_cmd, env=env, cwd=driver_dir, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for_nodes(f"127.0.0.1:{port}", env, 1)
+        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
+                                       f"{mounts} && cd / && exec {worker_cmd}"],
+                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        _wait_for_nodes(f"127.0.0.1:{port}", env, 2)
+        yield TwoNodes(f"127.0.0.1:{port}", driver_dir, hidden, env)
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)   # `ray start --block` stops what it started on SIGTERM
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_session(proc.pid)             # then anything left in its session, by PID
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    for proc in procs:
+        assert not session_pids(proc.pid)
