@@ -254,7 +254,8 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     data_ref = ray.put(data)
     trainable = tune.with_resources(tune.with_parameters(trial, setup=setup, data=data_ref), resources.trial)
     max_epochs = max(budget.epochs_for(n, dataset) for n in names)
-    callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, _describe_trial(setup, data, commit),
+    describe = _describe_trial(setup, data.info.source, len(data.sel_idx), commit)
+    callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, describe,
                                    lambda config: budget.epochs_for(space.trainable_for(config), dataset))
     try:
         tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, sampler=args.sampler,
@@ -292,8 +293,9 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     return 0
 
 
-def _describe_trial(setup: SweepSetup, data, commit: str):
-    """config -> (run name, tags, params) of a trial's MLflow run (called by the driver's callback)."""
+def _describe_trial(setup: SweepSetup, data_source: str, search_examples: int, commit: str):
+    """config -> (run name, tags, params) of a trial's MLflow run (called by the driver's callback; Tune pickles
+    it with the experiment, so it holds no data)."""
     budget = setup.budget
 
     def describe(config: dict) -> tuple[str, dict, dict]:
@@ -304,7 +306,7 @@ def _describe_trial(setup: SweepSetup, data, commit: str):
         hparams = setup.space.hparams_for(config)
         tags = {tracking.TAG_ROLE: "trial", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: setup.dataset,
                 tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
-                tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: data.info.source,
+                tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: data_source,
                 tracking.TAG_GIT_COMMIT: commit, tracking.TAG_SEED: setup.seed, tracking.TAG_SWEEP: setup.sweep_id}
         try:
             full = resolve(get_trainable(name).HPARAMS, hparams, owner=name)
@@ -312,8 +314,8 @@ def _describe_trial(setup: SweepSetup, data, commit: str):
             full = dict(hparams)
         params = {**full, "trainable": name, "dataset": setup.dataset, "budget": budget.name,
                   "epochs": budget.epochs_for(name, setup.dataset), "workers": setup.workers,
-                  "data_source": data.info.source, "selection": setup.selection, "search_n0": budget.search_n0,
-                  "search_n": budget.search_n, "search_examples": len(data.sel_idx), "seed": setup.seed}
+                  "data_source": data_source, "selection": setup.selection, "search_n0": budget.search_n0,
+                  "search_n": budget.search_n, "search_examples": search_examples, "seed": setup.seed}
         return name, tags, params
 
     return describe

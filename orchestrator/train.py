@@ -61,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resumed_settings(cl, args) -> tuple[str, dict]:
+def _resumed_settings(uri: str, args) -> tuple[str, dict]:
     """(trainable, hparams) of the run to resume; args.dataset/budget/seed/select/workers set from it."""
-    uri = cl.tracking_uri
+    from orchestrator import mlflow_utils
+
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UsageError(f"--resume {args.resume}: there is no MLflow store at {uri}")
+    cl = mlflow_utils.client(uri)   # (an MlflowClient creates an sqlite store: only after the check above)
     try:
         run = cl.get_run(args.resume)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types
@@ -92,11 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # check everything first: nothing is written on bad input
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
-    cl = mlflow_utils.client(tracking_uri)
     overrides = parse_sets(args.set)
     name = args.name
     if args.resume:
-        name, overrides = _resumed_settings(cl, args)
+        name, overrides = _resumed_settings(tracking_uri, args)
     if not name:
         raise UsageError("name a trainable (or --resume RUN_ID)")
     try:
@@ -141,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ray.shutdown()
             raise
 
+    cl = mlflow_utils.client(tracking_uri)
     experiment = args.experiment or dataset
     if args.resume:
         run_id = args.resume
