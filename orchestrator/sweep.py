@@ -4,21 +4,21 @@
         [--seed S] [--select train-domain|oracle] [--objectives acr|acr,clean_acc] [--budget smoke|quick|paper]
         [--workers W] [--set key=value ...] [--space key=LOW:HIGH|key=a,b,c ...] [--resume]
         [--address auto|HOST:PORT|ray://HOST:PORT] [--tracking-uri URI] [--experiment NAME] [--data-root P]
-        [--storage DIR]
+        [--storage PATH|URI] [--cpus-per-trial C] [--gpus-per-trial G] [--memory-per-trial M] [--max-failures F]
 
 NAME is a search space (search_spaces/: glean, drf, gaussian, ...) or a registered trainable swept with one
 (drf-smoothadv = the drf space with the variant pinned); see search_spaces/__init__.py.
 
 What happens:
-1. Everything the user typed is checked first (name, ranges, pinned values, dataset, data, cluster address):
-   bad input is one line on stderr and exit code 2, with nothing written.
-2. A Ray Tune `Tuner` runs a function trainable (`trial`) over the search space: OptunaSearch with a seeded
-   Optuna sampler (TPE by default; CMA-ES; NSGA-II), ASHA early stopping on the validation ACR reported at the
-   budget's evaluation epochs (time_attr = the reported `epoch`: Tune's own iteration counter restarts after
-   a restore), at most as many concurrent trials as the cluster can run. A trial trains directly in its
-   process (1 CPU, or 1 GPU where the cluster has them), or, with `--workers W >= 2`, launches a
-   `TorchTrainer` with W DDP workers (the trial itself then holds {"cpu": 0, "memory": 1}: with one CPU a
-   trial on a 2-CPU machine starves its own workers; see ../shared/notes/ray-2.60-on-2-cpus.md).
+1. Everything the user typed is checked first (name, ranges, pinned values, dataset, data, cluster address),
+   then the cluster's pre-flight (orchestrator/cluster.py: resources a node can hold, storage reachable and
+   shared by every alive node, data files on every node): bad input is one line on stderr and exit code 2,
+   with nothing written.
+2. A Ray Tune `Tuner` (orchestrator/sweep_run.py) runs a function trainable over the search space: OptunaSearch
+   with a seeded Optuna sampler, ASHA early stopping on the validation ACR reported at the budget's evaluation
+   epochs (time_attr = the reported `epoch`), trials restarted from their last checkpoint up to --max-failures
+   times. A trial trains directly in its process with the resources of --cpus/--gpus/--memory-per-trial, or,
+   with `--workers W >= 2`, launches a TorchTrainer (orchestrator/trainer.py) with W DDP workers.
 3. The objective is the ACR of the smoothed classifier on the selection examples, certified with the budget's
    SEARCH settings (smaller n: a validation number, never a test number). `--select train-domain` (default)
    selects on the validation split of the training domains; `--select oracle` on a fixed 20% hold-out of the
@@ -27,17 +27,15 @@ What happens:
    highest ACR on the Pareto front) is re-certified on the test split with the budget's FINAL settings
    (cli_common.certify_split), and a table is printed.
 
-MLflow (names: orchestrator/tracking.py): a parent run per sweep (the search space, sampler, seed, budget,
-data source, git commit; at the end the selected parameters, validation and test metrics) and a nested run per
-trial (all parameters, per-epoch metrics, validation ACR per rung, final checkpoint, the validation TSV and
-plot; the selected trial also its test TSV, plot and test_* metrics). Trial runs are tagged by Tune's trial id
-and reused when a trial restarts, so `--resume` duplicates none. The driver closes every trial run at the end:
-FINISHED (tagged stopped_early when ASHA stopped it), or FAILED with the error; a crashing trial is recorded
-and the sweep goes on.
+MLflow (names: orchestrator/tracking.py): a parent run per sweep and a nested run per trial. The driver is the
+only writer (orchestrator/mlflow_callback.py): trials report every epoch, and a driver-side Tune callback logs
+params, each epoch once, the final checkpoint's files and the statuses (FINISHED, stopped_early tagged;
+FAILED with the error; a crashing trial is recorded and the sweep goes on). Trial runs are tagged by Tune's
+trial id and reused when a trial restarts, so `--resume` duplicates none.
 
-Resume: a sweep lives in <storage>/<NAME>-<hash of its settings>-<time>/ (Tune's experiment, Optuna's state
-inside it, and sweep.json with the MLflow run ids and, when done, the summary). `--resume` with the same
-settings continues the newest such sweep (Tuner.restore, errored trials retried); a sweep already done just
+Resume: a sweep lives in <storage>/<NAME>-<hash of its settings>-<time>/ (a storage URI, orchestrator/storage.py:
+Tune's experiment, Optuna's state inside it, and sweep.json with the MLflow run ids and, when done, the
+summary). `--resume` with the same settings continues the newest such sweep (Tuner.restore, errored trials retried); a sweep already done just
 prints its table again.
 """
 from __future__ import annotations

@@ -87,7 +87,8 @@ def test_two_objectives_oracle_selection_and_a_space_choosing_the_trainable(ray_
 def test_crashing_trial_is_recorded_and_the_sweep_goes_on(ray_local, mlflow_uri, tmp_path, capsys):
     # arch is a free string: "bogus" passes validation and fails when the trial builds its network
     rc = sweep.main(["gaussian", "--budget", "smoke", "--trials", "4", "--seed", "3", "--space", "arch=bogus,lenet",
-                     "--set", "sigma=0.25", "--tracking-uri", mlflow_uri, "--storage", str(tmp_path / "ray")])
+                     "--set", "sigma=0.25", "--max-failures", "1", "--tracking-uri", mlflow_uri, "--storage",
+                     str(tmp_path / "ray")])
     trials = _by_role(_runs(mlflow_uri), "trial")
     assert len(trials) == 4
     assert all(r.info.status in ("FINISHED", "FAILED") for r in trials)
