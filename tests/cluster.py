@@ -58,22 +58,32 @@ def _unshare_works() -> str | None:
     return None
 
 
-def _wait_for_nodes(address: str, env: dict, n: int, timeout: float = 120) -> None:
+class _NodeFailed(Exception):
+    pass
+
+
+def _wait_for_nodes(address: str, env: dict, n: int, logs: Path, alive: subprocess.Popen,
+                    timeout: float = 180) -> None:
+    """Until `n` nodes are alive; _NodeFailed when `alive` (the node's `ray start`) exits or time runs out."""
     code = ("import ray, time, sys\n"
             f"ray.init(address={address!r}, log_to_driver=False)\n"
-            f"deadline = time.time() + {timeout}\n"
+            f"deadline = time.time() + 60\n"
             f"while sum(1 for x in ray.nodes() if x['Alive']) < {n}:\n"
             "    if time.time() > deadline: sys.exit(1)\n"
             "    time.sleep(0.5)\n")
     deadline = time.time() + timeout
-    while True:
-        probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                               timeout=timeout + 30)
-        if probe.returncode == 0:
-            return
-        if time.time() > deadline:
-            pytest.fail(f"the two-node cluster did not come up: {probe.stderr[-2000:]}")
+    while time.time() < deadline:
+        if alive.poll() is not None:
+            raise _NodeFailed()
+        try:
+            probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   timeout=120)
+            if probe.returncode == 0:
+                return
+        except subprocess.TimeoutExpired:
+            pass
         time.sleep(1)
+    raise _NodeFailed()
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +117,24 @@ def two_nodes(tmp_path_factory):
                            *_ports(*node_ports)])
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(head_cmd, env=env, cwd=driver_dir, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for_nodes(f"127.0.0.1:{port}", env, 1)
-        procs.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
-                                       f"{mounts} && cd / && exec {worker_cmd}"],
-                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        _wait_for_nodes(f"127.0.0.1:{port}", env, 2)
+        # Ray gives a raylet 30 s to register (hard-coded): on a loaded machine a node can miss that, so each node
+        # gets a second start
+        def start(cmd, log, n, **kw):
+            for attempt in range(2):
+                proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=open(base / log, "w"),
+                                        stderr=subprocess.STDOUT, **kw)
+                procs.append(proc)
+                try:
+                    _wait_for_nodes(f"127.0.0.1:{port}", env, n, base, alive=proc)
+                    return
+                except _NodeFailed:
+                    kill_session(proc.pid)
+            pytest.fail(f"the two-node cluster did not come up: " + " | ".join(
+                f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(base.glob("*.log"))))
+
+        start(head_cmd, "head.log", 1, cwd=driver_dir)
+        start(["unshare", "-m", "--propagation", "private", "bash", "-c",
+               f"{mounts} && cd / && exec {worker_cmd}"], "worker.log", 2)
         yield TwoNodes(f"127.0.0.1:{port}", driver_dir, hidden, env)
     finally:
         for proc in reversed(procs):

@@ -184,8 +184,6 @@ def test_sweep_on_s3_storage_logs_from_the_driver_only(ray_local, s3_server, tmp
 # --- a real two-node cluster (tests/cluster.py): the head has no CPU, the worker cannot see the driver's disk ---
 from cluster import two_nodes  # noqa: E402,F401  (fixture)
 
-SLOW = [pytest.mark.slow, pytest.mark.timeout(600)]
-
 
 def _store_runs(uri: str) -> list:
     cl = mlflow.MlflowClient(uri)
@@ -194,13 +192,13 @@ def _store_runs(uri: str) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_nodes_default_sweep_with_shared_storage(two_nodes, s3_server):
     """The default `orchestrator.sweep glean --budget smoke` (default ./mlflow.db in the driver's directory,
     which the worker node cannot see) with shared S3 storage: every trial ran on the worker node (the head has
     no CPU), every run is in the driver's store with every epoch once, all FINISHED."""
     done = two_nodes.run("orchestrator.sweep", "glean", "--budget", "smoke", "--address", two_nodes.address,
-                         "--storage", s3_server.uri("two-nodes"))
+                         "--storage", s3_server.uri("two-nodes"), timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "test ACR" in done.stdout
     uri = f"sqlite:///{two_nodes.driver_dir / 'mlflow.db'}"
