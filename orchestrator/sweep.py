@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator import tracking
+from orchestrator import defaults, tracking
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, cluster_cpus_gpus, format_table, init_ray,
                                      load_splits, loop_data, make_selection, parse_sets, run_main)
@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the newest sweep with the same settings")
     p.add_argument("--address", help="Ray cluster (auto, HOST:PORT, ray://HOST:PORT; default RAY_ADDRESS, else "
                                      "a private local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db; in a Ray "
+                                          "job ~/.smoothing-orchestrator/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
-    p.add_argument("--storage", help="Tune storage (default ~/ray_results; shared on a multi-node cluster)")
+    p.add_argument("--storage", help="Tune storage (default ~/ray_results, in a Ray job "
+                                     "~/.smoothing-orchestrator/ray_results; shared on a multi-node cluster)")
     return p
 
 
@@ -248,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator import mlflow_utils
 
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
-    storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
+    storage = Path(args.storage or defaults.default_storage()).expanduser().resolve()
     key = _sweep_key(args, space, dataset, trials)
     prefix = f"{args.name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}-"
     previous = _find_sweep(storage, prefix) if args.resume else None
@@ -522,4 +524,4 @@ def _fmt(v: Any) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(defaults.with_locations(main, build_parser)))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator import tracking
+from orchestrator import defaults, tracking
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, init_ray, load_splits, loop_data,
                                      make_selection, parse_sets, run_main)
@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
                    help="which examples the logged validation ACR uses (see orchestrator.sweep)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
-    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db; in a Ray "
+                                          "job ~/.smoothing-orchestrator/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--address", help="Ray cluster for --workers >= 2 (default RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage", help="Ray Train storage for --workers >= 2 (default ~/ray_results)")
+    p.add_argument("--storage", help="Ray Train storage for --workers >= 2 (default ~/ray_results; in a Ray job "
+                                     "~/.smoothing-orchestrator/ray_results)")
     return p
 
 
@@ -162,7 +164,7 @@ def _fit_torch_trainer(cfg, data, args, run_id: str):
     from orchestrator.train_loop import train_worker
 
     use_gpu = cluster_cpus_gpus()[1] >= args.workers
-    storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
+    storage = Path(args.storage or defaults.default_storage()).expanduser().resolve()
     trainer = TorchTrainer(
         train_worker, train_loop_config={"cfg": cfg, "data": ray.put(data)},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
@@ -175,4 +177,4 @@ def _fit_torch_trainer(cfg, data, args, run_id: str):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(defaults.with_locations(main, build_parser)))
