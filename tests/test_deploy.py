@@ -95,8 +95,8 @@ def test_launcher_submit_command_parses_with_ray_and_the_sweep():
     argv = shlex.split(config["metadata"]["submit"])
     sep = argv.index("--")
     assert argv[:3] == ["ray", "job", "submit"]
-    ctx = submit.make_context("submit", argv[3:sep])   # raises on an unknown or malformed `ray job submit` option
-    assert ctx.params["working_dir"] == "."
+    ctx = submit.make_context("submit", argv[3:])   # raises on an unknown or malformed `ray job submit` option
+    assert ctx.params["working_dir"] == "." and list(ctx.params["entrypoint"]) == argv[sep + 1:]
     args = check_sweep_command(argv[sep + 1:])
     assert args.data_root.startswith("/mnt/shared/")   # the EFS mount of setup_commands, on every node
     assert any("/mnt/shared" in c and "mount" in c for c in config["setup_commands"])
