@@ -110,7 +110,8 @@ def locations(args: argparse.Namespace, output_dir: str | None = None) -> list[t
     if hasattr(args, "tracking_uri") and getattr(args, "run_id", True) is not None:   # certify: with --run-id
         uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
         rows.append(("MLflow store", uri))
-        rows.append(("MLflow UI", mlflow_utils.ui_command(uri)))
+        server = uri.startswith(("http://", "https://"))   # a tracking server is its own UI
+        rows.append(("MLflow UI", uri if server else mlflow_utils.ui_command(uri)))
     if hasattr(args, "storage"):
         rows.append(("Ray storage", args.storage or default_storage()))
     if output_dir and hasattr(args, "out"):

@@ -91,7 +91,8 @@ def test_locations_are_printed_at_start_and_end_even_after_a_failure(in_job, cap
         wrapped(["glean", "--budget", "smoke"])
     out = capsys.readouterr().out.splitlines()
     heads = [i for i, line in enumerate(out) if line.startswith("Ray job raysubmit_test123 on node ")]
-    assert len(heads) == 2 and heads[0] == 0 < out.index("working") < heads[1] and calls == [["glean", "--budget", "smoke"]]
+    assert calls == [["glean", "--budget", "smoke"]]
+    assert len(heads) == 2 and heads[0] == 0 < out.index("working") < heads[1]
     assert ", starting;" in out[heads[0]] and ", ending;" in out[heads[1]]
     store = [line.split()[-1] for line in out if line.strip().startswith("MLflow store")]
     assert store == [f"sqlite:///{in_job / 'mlflow.db'}"] * 2

@@ -59,7 +59,8 @@ def check_sweep_command(argv: list[str]) -> argparse.Namespace:
 
 def _volume_for(mounts: list[dict], path: str) -> str:
     """The volume whose mountPath holds `path`."""
-    hits = [m["name"] for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    hits = [m["name"] for m in mounts
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
     assert hits, f"{path} is on no mounted volume"
     return hits[0]
 
@@ -119,7 +120,8 @@ def test_rayjob_runs_a_valid_sweep_on_an_autoscaling_gpu_group_with_shared_stora
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
 
     # --data-root lies on one ReadWriteMany claim, mounted at the same path in the head and every worker
-    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     claims = set()
     for pod in pods:
         volume = _volume_for(pod["containers"][0]["volumeMounts"], args.data_root)
