@@ -21,8 +21,11 @@ JOB_VARS = (defaults.JOB_CONFIG_ENV, defaults.HOME_ENV, "MLFLOW_TRACKING_URI", "
 @pytest.fixture
 def no_job(monkeypatch, tmp_path):
     """Outside a job, in an empty working directory `tmp_path/work`."""
+    from mlflow.tracking._tracking_service import utils
+
     for var in JOB_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)   # an earlier in-process mlflow.set_tracking_uri (compare)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     return tmp_path / "work"
