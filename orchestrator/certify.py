@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from orchestrator import tracking
+from orchestrator import defaults, tracking
 from orchestrator.pool import CertifyInputError, certify_with_pool, load_model, model_fingerprint, \
     read_manifest, validate_settings
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0
@@ -51,11 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, default=None, help="actors (default: as many as the cluster allows)")
     p.add_argument("--shard-size", type=int, default=None, help="examples per shard (default: from n)")
     p.add_argument("--out", default=None,
-                   help=f"output directory (default: {DEFAULT_OUT_ROOT}/<split>-<model>-<settings>)")
+                   help=f"output directory (default: {DEFAULT_OUT_ROOT}/<split>-<model>-<settings>; in a Ray "
+                        f"job under ~/.smoothing-orchestrator/)")
     p.add_argument("--resume", action="store_true",
                    help="continue --out: model and settings default to those its manifest recorded")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; in "
+                        "a Ray job ~/.smoothing-orchestrator/mlflow.db)")
     p.add_argument("--data-root", default=None, help="dataset root (default: trainables.data's resolution)")
     p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -178,7 +180,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         fingerprint = model_fingerprint(trainable)
         settings = {"split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed,
                     "skip": skip, "max": args.max, "shard_size": args.shard_size}
-        default_out = Path(DEFAULT_OUT_ROOT) / f"{split}-{fingerprint[:12]}-{_settings_hash(settings)}"
+        default_out = (defaults.default_output_dir(DEFAULT_OUT_ROOT)
+                       / f"{split}-{fingerprint[:12]}-{_settings_hash(settings)}")
         out = Path(args.out or default_out)
         source = f"run {args.run_id}" if args.run_id else str(Path(args.checkpoint).resolve())
         # the arguments, so that `--resume --out DIR` alone finds the model and settings again
@@ -240,4 +243,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(defaults.with_locations(main, build_parser, DEFAULT_OUT_ROOT)())

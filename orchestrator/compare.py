@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from orchestrator import tracking
+from orchestrator import defaults, mlflow_utils, tracking
 
 COMPARE_EXPERIMENT = "compare"
 DEFAULT_OUT = "compare-out"
@@ -80,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radii", default=None,
                    help="comma-separated radius grid (default: the dataset's, metrics.RADII_BY_DATASET)")
     p.add_argument("--split", default="test", help="certified split to compare (default: test)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    p.add_argument("--out", help=f"output directory (default: {DEFAULT_OUT}; inside a Ray job "
+                                   f"~/.smoothing-orchestrator/{DEFAULT_OUT}, see orchestrator/defaults.py)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; in "
+                        "a Ray job ~/.smoothing-orchestrator/mlflow.db)")
     p.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
     return p
 
@@ -421,8 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from trainables import metrics
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if args.tracking_uri:
-        mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(mlflow_utils.resolve_tracking_uri(args.tracking_uri))   # the one default store
     radii = parse_radii(args.radii) if args.radii else None
     client = mlflow.MlflowClient()
     runs = find_runs(client, args.experiment, args.runs)
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = build_table(certified, radii)
     md = to_markdown(table, radii, caption(certified, table, args.split))
 
-    out = Path(args.out)
+    out = Path(args.out or defaults.default_output_dir(DEFAULT_OUT))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(md)
@@ -472,4 +473,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(defaults.with_locations(main, build_parser, DEFAULT_OUT)())

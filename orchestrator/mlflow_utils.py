@@ -19,11 +19,12 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///<cwd>/mlflow.db in MLflow 3), made
-    absolute: a `sqlite:///relative.db`, `file:relative` or bare path becomes an absolute one."""
-    import mlflow
+    """`uri`, else the default store (orchestrator.defaults.default_tracking_uri: MLFLOW_TRACKING_URI, inside
+    a Ray job ~/.smoothing-orchestrator/mlflow.db, else MLflow's sqlite:///<cwd>/mlflow.db), made absolute:
+    a `sqlite:///relative.db`, `file:relative` or bare path becomes an absolute one."""
+    from orchestrator import defaults
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    uri = uri or defaults.default_tracking_uri()
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         return uri if path.startswith("/") or path == ":memory:" else f"sqlite:///{Path(path).resolve()}"
@@ -37,6 +38,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 def client(uri: str):
     import mlflow
 
+    from orchestrator.defaults import ensure_sqlite_parent
+    ensure_sqlite_parent(uri)   # e.g. ~/.smoothing-orchestrator/ inside a Ray job: sqlite creates no folders
     return mlflow.MlflowClient(tracking_uri=uri)
 
 

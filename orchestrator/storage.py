@@ -14,7 +14,8 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STORAGE = "~/ray_results"
+from orchestrator import defaults
+
 
 
 def is_local(uri: str) -> bool:
@@ -22,9 +23,9 @@ def is_local(uri: str) -> bool:
 
 
 def normalize(uri: str | None) -> str:
-    """The storage URI of `--storage` (default $RAY_STORAGE, else ~/ray_results): a local path made absolute,
+    """The storage URI of `--storage` (default $RAY_STORAGE, else orchestrator.defaults.default_storage()): a local path made absolute,
     any other URI unchanged."""
-    uri = uri or os.environ.get("RAY_STORAGE") or DEFAULT_STORAGE
+    uri = uri or os.environ.get("RAY_STORAGE") or defaults.default_storage()
     if "://" not in uri:
         return os.path.abspath(os.path.expanduser(uri))
     return uri

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator import cluster, tracking
+from orchestrator import cluster, defaults, tracking
 from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the newest sweep with the same settings")
     p.add_argument("--address", help="Ray cluster (auto, HOST:PORT, ray://HOST:PORT; default RAY_ADDRESS, else "
                                      "a private local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db); only the "
+    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db; in a Ray job "
+                                          "~/.smoothing-orchestrator/mlflow.db); only the "
                                           "driver opens it")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
     p.add_argument("--storage", help="Tune storage: a path, file://, s3://, gs:// URI (default $RAY_STORAGE, else "
-                                     "~/ray_results); shared by every node on a multi-node cluster")
+                                     "~/ray_results; in a Ray job ~/.smoothing-orchestrator/ray_results); shared by every node on a multi-node cluster")
     return p
 
 
@@ -407,4 +408,4 @@ def _fmt(v: Any) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(defaults.with_locations(main, build_parser)))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator import cluster, tracking
+from orchestrator import cluster, defaults, tracking
 from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
@@ -53,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
                    help="which examples the logged validation ACR uses (see orchestrator.sweep)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
-    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db; in a Ray "
+                                          "job ~/.smoothing-orchestrator/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--address", help="Ray cluster for --workers >= 2 (default RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--storage", help="Ray Train storage for --workers >= 2: path or URI (default ~/ray_results)")
+    p.add_argument("--storage", help="Ray Train storage for --workers >= 2: path or URI (default ~/ray_results; in a Ray job ~/.smoothing-orchestrator/ray_results)")
     cluster.add_resource_flags(p)
     return p
 
@@ -256,4 +257,4 @@ def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(defaults.with_locations(main, build_parser)))
