@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="DDP workers (>= 2: Ray Train TorchTrainer)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default=DEFAULT_BUDGET, help="orchestrator/budgets.py")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and noise")
-    p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
+    p.add_argument("--select", choices=("train-domain", "oracle"), default=None,
                    help="which examples the logged validation ACR uses (see orchestrator.sweep)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db)")
@@ -76,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = get_budget(args.budget)
     epochs = budget.epochs_for(args.name, dataset)
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
-    splits = load_splits(dataset, args.data_root, budget)
-    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
+    splits = load_splits(dataset, args.data_root, budget, args.name)
+    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(args.name))
+    args.select = selection.method      # resolved default (orchestrator/selection.py)
     data = loop_data(splits, selection)
     started = init_ray(args.address) if args.workers > 1 else False
     if args.workers > 1:
@@ -112,11 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 session = LocalSession(tmp)
                 last = run_training(cfg, data, session)
                 checkpoint_file = str(Path(tmp) / "model.pt")
-                rows = _certify(checkpoint_file, splits, selection, budget, args.seed)
+                rows = _certify(checkpoint_file, splits, selection, budget, args.seed, args.name)
             else:
                 last, checkpoint_dir = _fit_torch_trainer(cfg, data, args, run_id)
                 with checkpoint_dir.as_directory() as d:
-                    rows = _certify(str(Path(d) / "model.pt"), splits, selection, budget, args.seed)
+                    rows = _certify(str(Path(d) / "model.pt"), splits, selection, budget, args.seed, args.name)
         train_s = time.perf_counter() - t0
         from trainables.metrics import RADII_BY_DATASET
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("validation ACR", f"{last.get(tracking.VAL_ACR, float('nan')):.4f}   [{len(selection.sel_indices)} "
                            f"{selection.sel_split} examples, n={budget.search_n}]"),
         ("test ACR", f"{test[tracking.TEST_PREFIX + 'acr']:.4f}   [{len(selection.test_indices)} "
-                     f"{selection.test_label} examples, n={budget.final_n}]"),
+                     f"{selection.test_label} examples, n={budget.final_n_for(args.name)}]"),
         ("data source", splits.info.source),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
     ]))
@@ -147,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _certify(checkpoint_file: str, splits, selection, budget, seed: int):
+def _certify(checkpoint_file: str, splits, selection, budget, seed: int, name: str):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
-                         n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
+                         n=budget.final_n_for(name), alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
 
 
 def _fit_torch_trainer(cfg, data, args, run_id: str):

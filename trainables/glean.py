@@ -6,7 +6,12 @@ Network. x (pixels in [0,1]) -> Psi -> z -> beta -> logits. Psi starts with the 
 - cmnist: Psi = [Normalize, Flatten, OrthoLinear(392, hidden), MaxMin, OrthoLinear(hidden, hidden), MaxMin],
   beta = Linear(hidden, 2) with bias (the paper's "three-layer MLP ... final linear layer as beta").
 - celeba / domainnet: Psi = 4 Cayley-orthogonal convolutions (Trockman & Kolter 2021; the second with stride 2 as
-  an orthogonal pixel-unshuffle) each followed by MaxMin, then global average pooling; beta = Linear.
+  an orthogonal pixel-unshuffle) each followed by MaxMin, then global pooling scaled to be exactly 1-Lipschitz
+  (sum / sqrt(HW), `GlobalNormPool`; the plain mean is 1/sqrt(HW)-Lipschitz, L = 1/32 at 64 px, which would make
+  the latent sigma an input-space sigma of 32 x 0.12 and the radius grid incomparable with the paper's); beta =
+  Linear. So on every dataset L = 1 (times 1/std of the normaliser, 1 here): the latent sigma = 0.12 is an
+  input-space sigma of 0.12, the same as the baselines' sigma, and the reported radius grid (0-0.45,
+  trainables.metrics.RADII_GLEAN) means on CelebA/DomainNet what it means on CMNIST.
 `lipschitz=False` (the paper's "w/o Lipschitz" ablation) swaps in free nn.Linear / nn.Conv2d layers and ReLU.
 L = the Lipschitz constant of Psi is always computed from the layers (`trainables.lipschitz`): spectral norms
 (for free layers an upper bound: product of spectral norms; a free convolution is bounded by the sum of its
@@ -51,7 +56,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +67,7 @@ from trainables.base import Trainable
 from trainables.data import DataInfo
 from trainables.hparams import HParam
 from trainables.irm import ESTIMATORS, irm_penalty
-from trainables.lipschitz import (CayleyConv2d, GlobalAvgPool, MaxMin, lipschitz_constant, orthogonal_linear)
+from trainables.lipschitz import (CayleyConv2d, GlobalNormPool, MaxMin, lipschitz_constant, orthogonal_linear)
 from trainables.models import Normalize
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, CertRow, Smooth
 
@@ -71,11 +76,11 @@ SIGMAS = (0.12, 0.25, 0.5, 1.0)
 HPARAMS: dict[str, HParam] = {
     "sigma": HParam(0.12, choices=SIGMAS, check="> 0",
                     doc="latent noise std in training and certification (paper: 0.12; study 0.12-1.0)"),
-    "lam": HParam(10_000.0, 10.0, 1e6, log=True, check=">= 0",
+    "lam": HParam(10_000.0, 1e3, 1e5, log=True, check=">= 0",
                   doc="IRM penalty weight lambda of Eq. 8 (paper: 10,000; study 10..1e6; 0 = no invariance)"),
-    "anneal_steps": HParam(100, 0, 300, integer=True, check=">= 0",
+    "anneal_steps": HParam(100, 50, 150, integer=True, check=">= 0",
                            doc="steps with penalty weight min(1, lam) before lam (IRM reference default: 100)"),
-    "lr": HParam(0.001, 1e-4, 1e-2, log=True, check="> 0", doc="Adam learning rate (IRM reference default)"),
+    "lr": HParam(0.001, 5e-4, 2e-3, log=True, check="> 0", doc="Adam learning rate (IRM reference default)"),
     "l2": HParam(0.001, 1e-5, 1e-2, log=True, check=">= 0",
                  doc="L2 weight on the free parameters, divided by the penalty weight with the rest (IRM default)"),
     "hidden": HParam(256, 64, 512, log=True, integer=True, check=">= 1",
@@ -86,9 +91,70 @@ HPARAMS: dict[str, HParam] = {
                         doc="orthogonal layers + MaxMin (True) or free layers + ReLU ('w/o Lipschitz' ablation)"),
     "penalty_estimator": HParam("full_batch", choices=ESTIMATORS,
                                 doc="IRM penalty: full_batch (IRM reference, biased) or two_half (DomainBed)"),
-    "batch_size": HParam(60_000, check=">= 1",
-                         doc="examples per step; the default exceeds CMNIST's training set: full batch as IRM"),
+    "head": HParam("two_logit", choices=("two_logit", "one_logit"),
+                   doc="binary tasks: two free logits, or one logit l with logits [0, l] (the IRM reference's)"),
+    "l2_scope": HParam("free", choices=("free", "head"),
+                       doc="parameters under the L2 term: every free one (module docstring) or beta only"),
+    "batch_size": HParam(None, check=">= 1 or None",
+                         doc="examples per step, every training environment in every batch in proportion; "
+                             "None = the dataset's BATCH_BY_DATASET (cmnist: full batch as IRM)"),
 }
+
+
+#: default examples per optimisation step. cmnist: more than its training set, i.e. full batch as the IRM reference
+#: (one step per epoch). celeba / domainnet: mini-batches (a full batch of 30k-60k 64x64 images through four FFT
+#: convolutions would need 16-31 GB of activations; 128 images need ~1 GB on the CPU), every training
+#: environment present in each (environment_batches). DomainNet has 5 training domains: 160 = 32 per domain.
+BATCH_BY_DATASET = {"cmnist": 60_000, "celeba": 128, "domainnet": 160}
+
+
+def environment_batches(domains: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                        world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch in which EVERY training environment appears (the IRM penalty is computed per
+    environment per batch). ceil(n / batch_size) batches; environment e contributes max(2 * world,
+    round(batch_size * n_e / n)) examples to each, drawn from its own permutation seeded by (seed, epoch, e) and
+    cycled if it runs out (a small environment is revisited rather than missing from a batch). With batch_size
+    >= n this is the full batch. DDP: rank r takes positions r::world of each environment's share, so every
+    rank's shard holds every environment as well."""
+    domains = torch.as_tensor(domains)
+    n = len(domains)
+    envs = torch.unique(domains).tolist()
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919) & 0x7FFFFFFFFFFF)
+    perms = []
+    for e in envs:
+        members = torch.nonzero(domains == e).flatten()
+        perms.append(members[torch.randperm(len(members), generator=g)])
+    batch_size = max(1, int(batch_size))
+    steps = max(1, -(-n // batch_size))
+    shares = [len(p) if batch_size >= n else max(2 * world, round(batch_size * len(p) / n)) for p in perms]
+    for k in range(steps):
+        parts = [p[torch.arange(k * m, (k + 1) * m) % len(p)][rank::world] for p, m in zip(perms, shares)]
+        yield torch.cat(parts)
+
+
+class OneLogitHead(nn.Module):
+    """beta for a binary task with one free logit, as the IRM reference: logits = [0, w.z + b]. Exposes
+    `weight` [2, k] and `bias` [2] (row 0 zero) so it is read like an nn.Linear(k, 2) by the certifier; the
+    cross-entropy on [0, l] is exactly the reference's BCE on l, so risk and penalty are the reference's."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 1)
+        self.in_features, self.out_features = in_features, 2
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.linear.weight
+        return torch.cat([torch.zeros_like(w), w])
+
+    @property
+    def bias(self) -> torch.Tensor:
+        b = self.linear.bias
+        return torch.cat([torch.zeros_like(b), b])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        l = self.linear(z)
+        return torch.cat([torch.zeros_like(l), l], dim=1)
 
 
 class GleanNet(nn.Module):
@@ -130,7 +196,8 @@ class GleanNet(nn.Module):
         return lipschitz_constant(self.encoder, self.input_shape)
 
 
-def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool) -> GleanNet:
+def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool, head: str = "two_logit"
+                    ) -> GleanNet:
     """The paper's networks: a 3-layer MLP on cmnist, a 4-layer CNN on image datasets (module docstring)."""
     normalize = Normalize(info.mean, info.std)
     act = MaxMin if lipschitz else nn.ReLU
@@ -152,12 +219,16 @@ def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool) ->
         layers: list[nn.Module] = [normalize]
         for conv in convs:
             layers += [conv, act()]
-        encoder = nn.Sequential(*layers, GlobalAvgPool())
+        encoder = nn.Sequential(*layers, GlobalNormPool())     # 1-Lipschitz pooling: L = 1 (lipschitz.py)
         latent = 2 * width
-    head = nn.Linear(latent, info.num_classes)
-    nn.init.xavier_uniform_(head.weight)   # as the IRM reference
-    nn.init.zeros_(head.bias)
-    return GleanNet(encoder, head, info.input_shape)
+    if head == "one_logit" and info.num_classes == 2:
+        beta: nn.Module = OneLogitHead(latent)
+        linear = beta.linear
+    else:
+        beta = linear = nn.Linear(latent, info.num_classes)
+    nn.init.xavier_uniform_(linear.weight)   # as the IRM reference
+    nn.init.zeros_(linear.bias)
+    return GleanNet(encoder, beta, info.input_shape)
 
 
 class Glean(Trainable):
@@ -173,42 +244,68 @@ class Glean(Trainable):
                 f"risks across them); dataset {info.name!r} has {info.num_train_domains}. "
                 f"Use one of {', '.join(self.DATASETS)}.")
         super().__init__(hparams, info, epochs, device)
+        if self.hparams["batch_size"] is None:
+            self.hparams["batch_size"] = BATCH_BY_DATASET.get(info.name, 128)
+
+    def epoch_batches(self, domains: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1
+                      ) -> Iterator[torch.Tensor]:
+        """The training loop's batches for GLEAN: every training environment in every batch."""
+        return environment_batches(domains, self.hparams["batch_size"], seed, epoch, rank, world)
 
     def build_net(self) -> GleanNet:
         h = self.hparams
-        return build_glean_net(self.info, h["hidden"], h["width"], h["lipschitz"])
+        return build_glean_net(self.info, h["hidden"], h["width"], h["lipschitz"], h["head"])
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams["lr"])
 
     def l2_parameters(self) -> list[torch.Tensor]:
-        """The parameters under the L2 term (module docstring): all when free, else beta's weight + biases."""
+        """The parameters under the L2 term (module docstring): beta's (l2_scope=head); else all when free,
+        beta's weight + every bias when orthogonal."""
+        head = list(self.net.head.parameters())
+        if self.hparams["l2_scope"] == "head":
+            return head
         if not self.hparams["lipschitz"]:
             return list(self.net.parameters())
-        return [self.net.head.weight] + [p for name, p in self.net.named_parameters() if name.endswith("bias")]
+        return [p for p in head if p.dim() > 1] + [p for name, p in self.net.named_parameters()
+                                                   if name.endswith("bias")]
 
     def penalty_weight(self, step: int | None = None) -> float:
         step = self.step if step is None else step
         lam = float(self.hparams["lam"])
         return lam if step >= self.hparams["anneal_steps"] else min(1.0, lam)
 
-    def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 8 as stated in the module docstring for logits already computed on noisy latents."""
+    def environment_terms(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per training environment e = 0..E-1 of this batch: (risks [E], IRM penalties [E], accuracies [E]).
+        The one place per-environment terms are computed (a data-parallel run combines them across ranks here).
+        A batch lacking an environment is an error: IRM compares every environment in every step."""
+        n_env = self.info.num_train_domains
+        present = set(torch.unique(d).tolist())
+        if present != set(range(n_env)):
+            missing = sorted(set(range(n_env)) - present)
+            raise ValueError(f"glean: a batch lacks training environment(s) {missing} of {n_env} (every batch must "
+                             "hold every environment; use environment_batches or a larger batch_size)")
         risks, penalties, accs = [], [], []
-        for env in torch.unique(d):
+        for env in range(n_env):
             m = d == env
             risks.append(F.cross_entropy(logits[m], y[m]))
             penalties.append(irm_penalty(logits[m], y[m], self.hparams["penalty_estimator"]))
             accs.append((logits[m].argmax(1) == y[m]).float().mean())
-        risk, penalty = torch.stack(risks).mean(), torch.stack(penalties).mean()
+        return torch.stack(risks), torch.stack(penalties), torch.stack(accs)
+
+    def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 8 as stated in the module docstring for logits already computed on noisy latents."""
+        risks, penalties, accs = self.environment_terms(logits, y, d)
+        risk, penalty = risks.mean(), penalties.mean()
         l2 = sum(p.pow(2).sum() for p in self.l2_parameters())
         weight = self.penalty_weight()
         loss = risk + self.hparams["l2"] * l2 + weight * penalty
         if weight > 1.0:
             loss = loss / weight   # keeps gradients in range (IRM reference)
         return loss, {"risk": risk.item(), "penalty": penalty.item(), "penalty_weight": weight,
-                      "train_acc": torch.stack(accs).mean().item()}
+                      "train_acc": accs.mean().item()}
 
     def update(self, x, y, d):
         self.model.train()
@@ -266,7 +363,7 @@ class LatentSmooth(Smooth):
         det_radius = min_{b != a} ((W_a - W_b) z + b_a - b_b) / (L ||W_a - W_b||)
     of x (an L-Lipschitz encoder moves z by at most L r; the margin to class b shrinks by at most ||W_a - W_b||
     per unit of z). No failure probability, no Monte-Carlo cap. In the rows: det_predict = a; det_radius = that
-    radius when a == the smoothed prediction == label, else 0 -- so det_radius, like radius, counts only where
+    radius when a == label (its own prediction: not zeroed when the Monte-Carlo run abstains), else 0 -- so
     the row is `correct` (trainables.metrics.summarize reports det_acr / det_certacc_r<r> from these columns).
     For two classes a == g(x) unless CERTIFY abstains (or fails, probability <= alpha), and det_radius equals the
     exact radius of the latent smoothed classifier, sigma Phi^-1(Phi(margin / (sigma ||W_1 - W_0||))) / L.
@@ -305,7 +402,7 @@ class LatentSmooth(Smooth):
 
     def _make_row(self, idx, label, prediction, radius, seconds, z) -> LatentCertRow:
         a, r = self.det_certificates(z[None])
-        ok = int(a[0]) == label == prediction
+        ok = int(a[0]) == label          # the deterministic certificate stands on its own prediction
         return LatentCertRow(idx=idx, label=label, predict=prediction, radius=radius,
                              correct=int(prediction == label), time=seconds,
                              det_predict=int(a[0]), det_radius=float(r[0]) if ok else 0.0)
@@ -381,6 +478,10 @@ class LatentSmooth(Smooth):
         a = logits.argmax(dim=1)
         margin = logits.gather(1, a[:, None]) - logits                      # [B, C], >= 0
         norms = torch.cdist(self._w, self._w)                               # ||W_a - W_b||  [C, C]
-        ratio = margin / (norms[a] * self.lipschitz)
+        denom = norms[a] * self.lipschitz
+        # rows with W_a == W_b: the margin to b does not depend on z -- never crossed if positive, 0 if a tie
+        ratio = torch.where(denom > 0, margin / denom.clamp_min(1e-300),
+                            torch.where(margin > 0, torch.full_like(margin, math.inf), torch.zeros_like(margin)))
         ratio[torch.arange(len(a)), a] = math.inf
-        return a, ratio.min(dim=1).values
+        radius = ratio.min(dim=1).values
+        return a, torch.where(torch.isfinite(radius) | (radius > 0), radius, torch.zeros_like(radius))
