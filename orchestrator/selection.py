@@ -133,7 +133,8 @@ def protocol_rows(protocol: str, chosen: str, best_metrics: Mapping[str, Any], p
     acc = "  ".join(f"{r:g}:{fmt_certacc(test, r):.3f}" for r in radii)
     return [
         (f"[{tag}] picks", params),
-        (f"[{tag}] {metric}", f"{float(best_metrics[metric]):.4f}   [{LABEL[protocol]}]"),
+        (f"[{tag}] {'validation ACR' if protocol == 'train-domain' else 'oracle ACR'}",
+         f"{float(best_metrics[metric]):.4f}   [{metric}: {LABEL[protocol]}]"),
         (f"[{tag}] test ACR", f"{test[f'{tracking.TEST_PREFIX}acr']:.4f}   [{report_desc}]"),
         (f"[{tag}] test cert. acc.", f"radius:accuracy  {acc}"),
     ]
