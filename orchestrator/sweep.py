@@ -146,7 +146,7 @@ def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
                                              "data_source": setup.data_source, "selection": setup.selection,
                                              "search_n0": budget.search_n0, "search_n": budget.search_n,
                                              "search_examples": len(data.sel_idx), "seed": setup.seed})
-        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
+        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs, name),
                          seed=setup.seed, selection=setup.selection, n0=budget.search_n0, n=budget.search_n,
                          alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=setup.tracking_uri,
                          run_id=run_id, device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu",
@@ -375,7 +375,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
             modes = ["max"] * len(objectives)
             if len(objectives) == 1:
                 searcher = OptunaSearch(sampler=sampler, points_to_evaluate=_default_point(space))
-                rungs = budget.eval_epochs(max_epochs)
+                rungs = budget.eval_epochs(max_epochs, names[0])
                 scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
                                           reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 \
                     else FIFOScheduler()

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "data_source": splits.info.source, "selection": args.select,
                                              "search_n0": budget.search_n0, "search_n": budget.search_n,
                                              "search_examples": len(selection.sel_indices), "seed": args.seed})
-        cfg = LoopConfig(trainable=args.name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
+        cfg = LoopConfig(trainable=args.name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs, args.name),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
                          alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=tracking_uri, run_id=run_id)
         t0 = time.perf_counter()
