@@ -370,7 +370,7 @@ def test_per_dataset_batch_size_and_one_logit_head():
     assert Glean(None, CMNIST).hparams["batch_size"] == 60_000            # full batch as IRM
     assert Glean({"width": 4}, IMAGES).hparams["batch_size"] == 128       # celeba: mini-batches
     assert Glean({"batch_size": 32, "width": 4}, IMAGES).hparams["batch_size"] == 32
-    t = Glean({"hidden": 8}, CMNIST)                                      # default head: one logit, [0, l]
+    t = Glean({"hidden": 8, "head": "one_logit", "l2_scope": "head"}, CMNIST)   # the IRM reference's head
     z = torch.randn(5, 8)
     logits = t.net.head(z)
     assert torch.equal(logits[:, 0], torch.zeros(5)) and t.net.head.weight.shape == (2, 8)
