@@ -20,12 +20,15 @@ What happens:
    `TorchTrainer` with W DDP workers (the trial itself then holds {"cpu": 0, "memory": 1}: with one CPU a
    trial on a 2-CPU machine starves its own workers; see ../shared/notes/ray-2.60-on-2-cpus.md).
 3. The objective is the ACR of the smoothed classifier on the selection examples, certified with the budget's
-   SEARCH settings (smaller n: a validation number, never a test number). `--select train-domain` (default)
-   selects on the validation split of the training domains; `--select oracle` on a fixed 20% hold-out of the
-   test split (DomainBed's oracle), and then reports on the remaining 80%.
-4. The selected trial (highest final validation ACR among trials that ran to the end; for two objectives, the
+   SEARCH settings (smaller n: a validation number, never a test number). Selection follows
+   orchestrator/selection.py: on datasets with a held-out test domain (cmnist, celeba, domainnet) the default
+   is `--select oracle` (a fixed 20% hold-out of the test domain, `oracle_acr`; test figures on the other 80%),
+   and every trial also reports `val_acr` (the training domains' validation split, `--select train-domain`,
+   the default elsewhere; oracle without a test domain is exit code 2).
+4. The selected trial (highest final selection ACR among trials that ran to the end; for two objectives, the
    highest ACR on the Pareto front) is re-certified on the test split with the budget's FINAL settings
-   (cli_common.certify_split), and a table is printed.
+   (cli_common.certify_split), and so is the other protocol's pick where there is a test domain; the table
+   shows both, labelled.
 
 MLflow (names: orchestrator/tracking.py): a parent run per sweep (the search space, sampler, seed, budget,
 data source, git commit; at the end the selected parameters, validation and test metrics) and a nested run per
