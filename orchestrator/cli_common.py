@@ -13,10 +13,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-#: fraction of the test split held out for oracle selection (DomainBed: 20% of the test domain), drawn with a
-#: fixed seed so every sweep holds out the same examples
-ORACLE_FRACTION = 0.2
-ORACLE_SEED = 0
 #: seed of the data subsampling (max_train/max_val): fixed, so sweeps with different --seed see the same data
 DATA_SEED = 0
 
@@ -44,67 +40,74 @@ def parse_sets(items: Sequence[str] | None, flag: str = "--set") -> dict[str, st
 
 
 # --- data -----------------------------------------------------------------------------------------------------
-def load_splits(dataset: str, data_root: str | None, budget):
-    """The dataset's splits at the budget's size; missing data -> UsageError naming what to do."""
+def load_splits(dataset: str, data_root: str | None, budget, trainable: str = ""):
+    """The dataset's splits at the budget's size (Budget.train_cap for `trainable`); missing data -> UsageError
+    naming what to do."""
     from trainables.data import load_dataset
 
     try:
-        return load_dataset(dataset, data_root, max_train=budget.max_train, max_val=budget.max_val,
-                            seed=DATA_SEED)
+        return load_dataset(dataset, data_root, max_train=budget.train_cap(trainable, dataset),
+                            max_val=budget.max_val, seed=DATA_SEED)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as exc:
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         raise UsageError(" ".join(msg.split())) from None
 
 
-def spread(indices: Sequence[int], k: int | None) -> list[int]:
-    """k of `indices` spread evenly (Cohen's --skip); all of them when k is None or too large."""
-    indices = list(indices)
-    if k is None or k >= len(indices):
-        return indices
-    picks = np.linspace(0, len(indices) - 1, num=k).round().astype(int)
-    return [indices[i] for i in picks]
+from orchestrator.selection import spread  # noqa: E402,F401  (re-exported: callers import it from here)
 
 
 @dataclass
 class Selection:
-    """Which examples choose the model and which ones report it (DomainBed's two model-selection methods).
-
-    train-domain: chosen on the validation split of the training domains; reported on the test split.
-    oracle: chosen on a fixed 20% hold-out of the test split (test domain); reported on the other 80%.
-    """
+    """Which examples score the model and which ones report it (orchestrator/selection.py, DomainBed's two
+    protocols). The primary set (`sel_indices` of the validation split) gives `val_acr`; with a held-out test
+    domain `oracle_indices` (of the test split) give `oracle_acr` at every evaluation as well; `method` says which
+    of the two the search maximises. `test_indices` of the test split report the final figures (the 80% of the
+    test domain outside the hold-out when there is one, for either protocol)."""
 
     method: str
-    sel_split: str                 # "val" | "test_holdout"
-    sel_indices: list[int]         # indices into the selection split's dataset
-    test_indices: list[int]        # indices into splits.test reported by the final certification
+    sel_split: str                 # "val": the primary selection set is the training domains' validation split
+    sel_indices: list[int]
+    test_indices: list[int]
     test_label: str                # "test" | "test_minus_holdout"
+    oracle_indices: list[int] | None = None
+
+    @property
+    def metric(self) -> str:
+        from orchestrator.selection import METRIC
+        return METRIC[self.method]
 
 
-def make_selection(splits, method: str, search_examples: int | None, final_examples: int | None) -> Selection:
-    n_test = len(splits.test)
-    if method == "train-domain":
-        if len(splits.val) == 0:
-            raise UsageError("the validation split is empty: train-domain selection needs one (use a larger budget)")
-        return Selection(method, "val", spread(range(len(splits.val)), search_examples),
-                         spread(range(n_test), final_examples), "test")
-    if method == "oracle":
-        perm = torch.randperm(n_test, generator=torch.Generator().manual_seed(ORACLE_SEED)).tolist()
-        k = max(1, int(round(ORACLE_FRACTION * n_test)))
-        holdout, rest = sorted(perm[:k]), sorted(perm[k:])
-        return Selection(method, "test_holdout", spread(holdout, search_examples), spread(rest, final_examples),
-                         "test_minus_holdout")
-    raise UsageError(f"unknown selection method {method!r}; use train-domain or oracle")
+def make_selection(splits, method: str | None, search_examples: int | None, final_examples: int | None
+                   ) -> Selection:
+    """The selection for `method` (None: the dataset's default, oracle where it has a held-out test domain);
+    a protocol that cannot apply (oracle without a test domain) is a UsageError."""
+    from orchestrator import selection as S
+
+    try:
+        method = S.check_protocol(method, splits.info)
+        sets = S.selection_sets(splits, method, search_examples, final_examples)
+    except S.SelectionError as exc:
+        raise UsageError(str(exc)) from None
+    return Selection(method, "val", sets.val, sets.report, sets.report_label, sets.oracle)
+
+
+def _stack(source, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [source[i] for i in indices]
+    return (torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items]),
+            torch.as_tensor([int(it[1]) for it in items]))
 
 
 def loop_data(splits, selection: Selection):
-    """LoopData for trials: the training split and the selection examples as tensors."""
+    """LoopData for trials: the training split, the validation selection examples as tensors, and the oracle's
+    test-domain hold-out as an extra set certified at every evaluation (reported as oracle_acr)."""
     from orchestrator.train_loop import LoopData
 
-    source = splits.val if selection.sel_split == "val" else splits.test
-    items = [source[i] for i in selection.sel_indices]
-    xs = torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items])
-    ys = torch.as_tensor([int(it[1]) for it in items])
-    return LoopData(splits.info, splits.train, xs, ys, list(selection.sel_indices), selection.sel_split)
+    xs, ys = _stack(splits.val, selection.sel_indices)
+    extra = {}
+    if selection.oracle_indices:
+        ox, oy = _stack(splits.test, selection.oracle_indices)
+        extra["oracle"] = (ox, oy, list(selection.oracle_indices))
+    return LoopData(splits.info, splits.train, xs, ys, list(selection.sel_indices), "val", extra_sets=extra)
 
 
 # --- Ray: moved to orchestrator/cluster.py (the one way to connect); these names stay for callers -------------

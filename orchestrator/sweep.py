@@ -20,12 +20,15 @@ What happens:
    times. A trial trains directly in its process with the resources of --cpus/--gpus/--memory-per-trial, or,
    with `--workers W >= 2`, launches a TorchTrainer (orchestrator/trainer.py) with W DDP workers.
 3. The objective is the ACR of the smoothed classifier on the selection examples, certified with the budget's
-   SEARCH settings (smaller n: a validation number, never a test number). `--select train-domain` (default)
-   selects on the validation split of the training domains; `--select oracle` on a fixed 20% hold-out of the
-   test split (DomainBed's oracle), and then reports on the remaining 80%.
-4. The selected trial (highest final validation ACR among trials that ran to the end; for two objectives, the
+   SEARCH settings (smaller n: a validation number, never a test number). Selection follows
+   orchestrator/selection.py: on datasets with a held-out test domain (cmnist, celeba, domainnet) the default
+   is `--select oracle` (a fixed 20% hold-out of the test domain, `oracle_acr`; test figures on the other 80%),
+   and every trial also reports `val_acr` (the training domains' validation split, `--select train-domain`,
+   the default elsewhere; oracle without a test domain is exit code 2).
+4. The selected trial (highest final selection ACR among trials that ran to the end; for two objectives, the
    highest ACR on the Pareto front) is re-certified on the test split with the budget's FINAL settings
-   (cli_common.certify_split), and a table is printed.
+   (cli_common.certify_split), and so is the other protocol's pick where there is a test domain; the table
+   shows both, labelled.
 
 MLflow (names: orchestrator/tracking.py): a parent run per sweep and a nested run per trial. The driver is the
 only writer (orchestrator/mlflow_callback.py): trials report every epoch, and a driver-side Tune callback logs
@@ -76,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="concurrent trials (default: what the cluster can run now)")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (nsga2 for two objectives)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the model initialisation and noise")
-    p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
-                   help="model selection: validation split of the training domains, or a test-domain hold-out")
+    p.add_argument("--select", choices=("train-domain", "oracle"), default=None,
+                   help="model selection (orchestrator/selection.py): test-domain hold-out (oracle; the default on "
+                        "datasets with a held-out test domain) or the training domains' validation split "
+                        "(train-domain; the default elsewhere)")
     p.add_argument("--objectives", choices=tuple(OBJECTIVES), default="acr",
                    help="acr, or acr,clean_acc for a two-objective search reporting the Pareto front")
     p.add_argument("--budget", choices=tuple(BUDGETS), default=DEFAULT_BUDGET, help="orchestrator/budgets.py")
@@ -125,6 +130,28 @@ def _reachable_trainables(space) -> list[str]:
     return sorted(names)
 
 
+def _default_point(space) -> list[dict[str, Any]] | None:
+    """The declared defaults as the search's first trial, when every searched default lies in its range (the
+    defaults are the settings a method's authors tuned; a small search should not have to find them again)."""
+    point = {}
+    for key, hp in space.searched.items():
+        v = hp.default
+        ok = v is not None and (v in hp.choices if hp.choices is not None
+                                else hp.low is not None and hp.low <= v <= hp.high)
+        if not ok:
+            return None
+        point[key] = v
+    return [point]
+
+
+def _protocol_objectives(objectives: tuple[str, ...], protocol: str) -> tuple[str, ...]:
+    """The search's metrics for `protocol`: val_* for train-domain, oracle_* for oracle (selection.py)."""
+    if protocol != "oracle":
+        return objectives
+    from orchestrator.selection import ORACLE_ACR, ORACLE_CLEAN_ACC
+    return tuple({tracking.VAL_ACR: ORACLE_ACR, tracking.VAL_CLEAN_ACC: ORACLE_CLEAN_ACC}[o] for o in objectives)
+
+
 def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any, tuple[float, ...]]]:
     """The non-dominated (maximised) points, sorted by the first objective, best first."""
     front = [(k, p) for k, p in points
@@ -153,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SearchSpaceError as exc:
         raise UsageError(str(exc)) from None
     names = _reachable_trainables(space)
+    if args.trials is None:
+        trials = budget.trials_of(names[0])
     classes = [get_trainable(n) for n in names]
     dataset = args.dataset or classes[0].DEFAULT_DATASET
     for cls in classes:
@@ -182,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sweep {previous[0]} is already complete (nothing recomputed):\n")
             print(previous[1]["table"])
             return 0
-    splits = load_splits(dataset, args.data_root, budget)
-    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
+    splits = load_splits(dataset, args.data_root, budget, names[0])
+    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(names[0]))
+    objectives = _protocol_objectives(objectives, selection.method)
     data = loop_data(splits, selection)
 
     # 2. Ray and its pre-flight (resources, storage shared, data on every node), then MLflow and the Tuner
@@ -216,18 +246,18 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         commit = mlflow_utils.git_commit()
         parent = mlflow_utils.create_run(cl, experiment_id, sweep_name, {
             tracking.TAG_ROLE: "sweep", tracking.TAG_TRAINABLE: args.name, tracking.TAG_DATASET: dataset,
-            tracking.TAG_BUDGET: budget.name, tracking.TAG_SELECTION: args.select,
+            tracking.TAG_BUDGET: budget.name, tracking.TAG_SELECTION: selection.method,
             tracking.TAG_DATA_SOURCE: splits.info.source, tracking.TAG_GIT_COMMIT: commit,
             tracking.TAG_SEED: args.seed, tracking.TAG_SWEEP: sweep_name})
         mlflow_utils.log_params(cl, parent, {
             **{f"space.{k}": v for k, v in space.describe().items()}, "sampler": args.sampler, "seed": args.seed,
-            "trials": trials, "concurrency": concurrency, "objectives": args.objectives, "selection": args.select,
+            "trials": trials, "concurrency": concurrency, "objectives": args.objectives, "selection": selection.method,
             "budget": budget.name, "dataset": dataset, "data_source": splits.info.source,
             "trainables": ",".join(names), "workers": args.workers, "storage": st.redact(storage_uri),
             "trial_resources": json.dumps(resources.trial), "max_failures": args.max_failures,
             "search": f"n0={budget.search_n0} n={budget.search_n} alpha={budget.alpha} "
                       f"examples={len(selection.sel_indices)} of {selection.sel_split}",
-            "final": f"n0={budget.final_n0} n={budget.final_n} alpha={budget.alpha} "
+            "final": f"n0={budget.final_n0} n={budget.final_n_for(names[0])} alpha={budget.alpha} "
                      f"examples={len(selection.test_indices)} of {selection.test_label}",
             "epochs": ",".join(f"{n}:{budget.epochs_for(n, dataset)}" for n in names),
             "data_notes": " | ".join(getattr(splits, "notes", ()) or ())})
@@ -246,7 +276,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})",
           flush=True)
 
-    setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=args.select, seed=args.seed,
+    setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=selection.method, seed=args.seed,
                        workers=args.workers, use_gpu=resources.use_gpu, resources_per_worker=resources.per_worker,
                        sweep_id=sweep_name, storage=storage_uri, max_failures=args.max_failures)
     # the data travels once through the object store: every trial (and DDP worker) on any node reads this ref
@@ -259,9 +289,10 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     try:
         tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, sampler=args.sampler,
                             seed=args.seed, trials=trials, concurrency=concurrency, max_epochs=max_epochs,
-                            rungs=budget.eval_epochs(max_epochs), sweep_uri=sweep_uri, storage_uri=storage_uri,
-                            name=sweep_name, max_failures=args.max_failures, callbacks=[callback],
-                            restore=previous is not None)
+                            rungs=budget.eval_epochs(max_epochs, names[0]), sweep_uri=sweep_uri,
+                            storage_uri=storage_uri, name=sweep_name, max_failures=args.max_failures,
+                            callbacks=[callback], restore=previous is not None,
+                            points_to_evaluate=_default_point(space) if len(objectives) == 1 else None)
         grid = tuner.fit()
         if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
             for run in mlflow_utils.trial_runs(cl, experiment_id, parent).values():
@@ -322,45 +353,70 @@ def _describe_trial(setup: SweepSetup, data_source: str, search_examples: int, c
 
 def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, selection, completed, parent: str,
             tracking_uri: str, experiment: str, sweep_uri: str, run_of: dict[str, str]) -> str:
-    """Select, certify on the test split with the final settings, log, and return the summary table."""
+    """Select (each protocol's pick, orchestrator/selection.py), certify the picks on the test split with the final
+    settings, log, and return the summary table (both protocols, labelled, where the dataset has a test domain)."""
     from orchestrator import mlflow_utils
+    from orchestrator import selection as S
     from trainables.metrics import RADII_BY_DATASET, certacc_key
 
     full = [r for r in completed if not _stopped_early(r, budget, dataset, space)] or completed
     front = None
+    protocol = selection.method
     if len(objectives) > 1:
         front = pareto_front([(r, tuple(float(r.metrics[o]) for o in objectives)) for r in full])
         best = front[0][0]
     else:
-        best = max(full, key=lambda r: float(r.metrics[tracking.VAL_ACR]))
-    best_run = run_of[str(best.metrics["trial_id"])]
+        best = S.pick(full, protocol) or full[0]
+    picks = {protocol: best}
+    if selection.oracle_indices and len(objectives) == 1:      # the other protocol's pick, for the table
+        other = "train-domain" if protocol == "oracle" else "oracle"
+        picks[other] = S.pick(full, other)
+
+    def run_id_of(result) -> str:
+        return run_of[str(result.metrics["trial_id"])]
+
+    final_n = budget.final_n_for(space.trainable_for(best.config))
+    radii = RADII_BY_DATASET[dataset]
+    tests: dict[str, dict[str, float]] = {}                    # run id -> test metrics
+    cert_s = 0.0
+    for proto, result in picks.items():
+        if result is None or run_id_of(result) in tests:
+            continue
+        run_id = run_id_of(result)
+        name = space.trainable_for(result.config)
+        print(f"certifying the {proto} pick ({name}, run {run_id}) on {len(selection.test_indices)} "
+              f"{selection.test_label} examples with n={final_n} ...", flush=True)
+        t0 = time.perf_counter()
+        # the pool's shards go to a local folder on the driver (resumable there when the storage is local), and
+        # the finished certification is copied into the sweep's storage
+        cert_uri = st.join(sweep_uri, "final_certification", run_id)
+        local = st.local_dir(cert_uri)
+        with tempfile.TemporaryDirectory(prefix="final-cert-") as tmp:
+            out_dir = local if local is not None else Path(tmp) / "final_certification"
+            rows = certify_split(checkpoint_file(result, str(Path(tmp) / "ckpt")), splits.test,
+                                 selection.test_indices, split="test", n0=budget.final_n0, n=final_n,
+                                 alpha=budget.alpha, batch=budget.cert_batch, seed=args.seed, out_dir=out_dir)
+            if local is None:
+                st.upload_dir(out_dir, cert_uri)
+        cert_s += time.perf_counter() - t0
+        cl.update_run(run_id, status="RUNNING")
+        tests[run_id] = mlflow_utils.log_certification(cl, run_id, rows, "test", radii, prefix=tracking.TEST_PREFIX,
+                                                       title=f"{name} (test)")
+        mlflow_utils.set_tags(cl, run_id, {"test_examples": selection.test_label,
+                                           "picked_by": ",".join(p for p, r in picks.items() if r is result)})
+        mlflow_utils.close_run(cl, run_id, "FINISHED")
+    best_run = run_id_of(best)
+    test = tests[best_run]
     params = {k: v for k, v in best.config.items()}
     name = space.trainable_for(params)
-    print(f"certifying the selected trial ({name}, run {best_run}) on {len(selection.test_indices)} "
-          f"{selection.test_label} examples with n={budget.final_n} ...", flush=True)
-    t0 = time.perf_counter()
-    # the pool's shards go to a local folder on the driver (resumable there when the storage is local), and the
-    # finished certification is copied into the sweep's storage
-    local = st.local_dir(st.join(sweep_uri, "final_certification"))
-    with tempfile.TemporaryDirectory(prefix="final-cert-") as tmp:
-        out_dir = local if local is not None else Path(tmp) / "final_certification"
-        rows = certify_split(checkpoint_file(best, str(Path(tmp) / "ckpt")), splits.test, selection.test_indices,
-                             split="test", n0=budget.final_n0, n=budget.final_n, alpha=budget.alpha,
-                             batch=budget.cert_batch, seed=args.seed, out_dir=out_dir)
-        if local is None:
-            st.upload_dir(out_dir, st.join(sweep_uri, "final_certification"))
-    cert_s = time.perf_counter() - t0
-    radii = RADII_BY_DATASET[dataset]
-    cl.update_run(best_run, status="RUNNING")
-    test = mlflow_utils.log_certification(cl, best_run, rows, "test", radii, prefix=tracking.TEST_PREFIX,
-                                          title=f"{name} (test)")
-    mlflow_utils.set_tags(cl, best_run, {tracking.TAG_SELECTED: "true", "test_examples": selection.test_label})
-    mlflow_utils.close_run(cl, best_run, "FINISHED")
+    mlflow_utils.set_tags(cl, best_run, {tracking.TAG_SELECTED: "true"})
     mlflow_utils.log_params(cl, parent, {**{f"best.{k}": v for k, v in params.items()},
                                          **{f"best.{k}": v for k, v in space.fixed.items()},
                                          "best.trainable": name})
     val = {f"selected_{o}": float(best.metrics[o]) for o in objectives}
-    mlflow_utils.log_metrics(cl, parent, {**val, **test, "final_certification_s": cert_s})
+    others = {f"{p.replace('-', '_')}_pick_test_acr": tests[run_id_of(r)][f"{tracking.TEST_PREFIX}acr"]
+              for p, r in picks.items() if r is not None}
+    mlflow_utils.log_metrics(cl, parent, {**val, **test, **others, "final_certification_s": cert_s})
     mlflow_utils.set_tags(cl, parent, {"selected_run_id": best_run})
     if front is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -370,24 +426,36 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
             path.write_text("\n".join(lines) + "\n")
             mlflow_utils.log_file(cl, parent, path, "pareto_front.tsv")
 
-    sel = (f"{selection.method} selection: {len(selection.sel_indices)} examples of the "
-           f"{'validation split' if selection.sel_split == 'val' else 'test-domain hold-out (oracle)'}, "
-           f"SEARCH certification n0={budget.search_n0} n={budget.search_n} alpha={budget.alpha}")
+    sets = f"{len(selection.sel_indices)} validation examples"
+    if selection.oracle_indices:
+        sets += f" and {len(selection.oracle_indices)} test-domain hold-out examples"
     fin = (f"{len(selection.test_indices)} examples of the {selection.test_label.replace('_', ' ')} split, "
-           f"FINAL certification n0={budget.final_n0} n={budget.final_n} alpha={budget.alpha}")
-    acc = "  ".join(f"{r:g}:{test.get(tracking.TEST_PREFIX + certacc_key(r), float('nan')):.3f}" for r in radii)
+           f"FINAL certification n0={budget.final_n0} n={final_n} alpha={budget.alpha}")
     rows_out = [
         ("trainable / dataset", f"{name} on {dataset} (budget {budget.name}, {len(completed)} usable trials)"),
+        ("selection", f"{protocol} selection: {S.LABEL[protocol]}; every trial scored on {sets} with the SEARCH "
+                      f"certification n0={budget.search_n0} n={budget.search_n} alpha={budget.alpha}"),
         ("best parameters", ", ".join(f"{k}={_fmt(v)}" for k, v in {**params, **space.fixed}.items())),
-        ("validation ACR", f"{float(best.metrics[tracking.VAL_ACR]):.4f}   [{sel}]"),
     ]
     if len(objectives) > 1:
-        rows_out.append(("validation clean acc", f"{float(best.metrics[tracking.VAL_CLEAN_ACC]):.4f}"))
+        rows_out.append((f"selected {objectives[0]}", f"{float(best.metrics[objectives[0]]):.4f}"))
+        rows_out.append((f"selected {objectives[1]}", f"{float(best.metrics[objectives[1]]):.4f}"))
         rows_out.append(("Pareto front (acr, clean_acc)",
                          "  ".join(f"({p[0]:.3f}, {p[1]:.3f})" for _, p in front)))
+        acc = "  ".join(f"{r:g}:{test.get(tracking.TEST_PREFIX + certacc_key(r), float('nan')):.3f}" for r in radii)
+        rows_out += [("test ACR", f"{test[f'{tracking.TEST_PREFIX}acr']:.4f}   [{fin}; model chosen by {protocol}]"),
+                     ("test certified accuracy", f"radius:accuracy  {acc}")]
+    else:
+        for proto, result in picks.items():
+            if result is None:
+                rows_out.append((f"[{proto}] picks", "no trial reported this protocol's metric"))
+                continue
+            rid = run_id_of(result)
+            desc = ", ".join(f"{k}={_fmt(v)}" for k, v in result.config.items()) + f" (run {rid})"
+            rows_out += S.protocol_rows(proto, protocol, result.metrics, desc, tests[rid], radii,
+                                        lambda t, r: t.get(tracking.TEST_PREFIX + certacc_key(r), float("nan")),
+                                        fin)
     rows_out += [
-        ("test ACR", f"{test[f'{tracking.TEST_PREFIX}acr']:.4f}   [{fin}; model chosen by {selection.method}]"),
-        ("test certified accuracy", f"radius:accuracy  {acc}"),
         ("data source", splits.info.source),
         ("MLflow", f"sweep run {parent}, selected trial run {best_run}, experiment {experiment!r}"),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),

@@ -44,7 +44,7 @@ def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
     name = space.trainable_for(config)
     epochs = budget.epochs_for(name, setup.dataset)
     cfg = LoopConfig(trainable=name, hparams=space.hparams_for(config), epochs=epochs,
-                     eval_epochs=budget.eval_epochs(epochs), seed=setup.seed, selection=setup.selection,
+                     eval_epochs=budget.eval_epochs(epochs, name), seed=setup.seed, selection=setup.selection,
                      n0=budget.search_n0, n=budget.search_n, alpha=budget.alpha, cert_batch=budget.cert_batch,
                      device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu")
     if setup.workers == 1:
@@ -98,7 +98,7 @@ def make_sampler(kind: str, seed: int, objectives: int):
 
 def build_tuner(*, trainable, space, objectives, sampler: str, seed: int, trials: int, concurrency: int,
                 max_epochs: int, rungs: tuple[int, ...], sweep_uri: str, storage_uri: str, name: str,
-                max_failures: int, callbacks: list, restore: bool):
+                max_failures: int, callbacks: list, restore: bool, points_to_evaluate=None):
     """A new Tuner for the sweep, or Tuner.restore of the one stored at `sweep_uri` (resume_errored)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -112,7 +112,8 @@ def build_tuner(*, trainable, space, objectives, sampler: str, seed: int, trials
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     optuna_sampler = make_sampler(sampler, seed, len(objectives))
     if len(objectives) == 1:
-        searcher = EvaluationsOnly(OptunaSearch(sampler=optuna_sampler), concurrency)
+        searcher = EvaluationsOnly(OptunaSearch(sampler=optuna_sampler, points_to_evaluate=points_to_evaluate),
+                                   concurrency)
         scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
                                   reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 else FIFOScheduler()
         tune_config = tune.TuneConfig(metric=objectives[0], mode="max", search_alg=searcher, scheduler=scheduler,

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="DDP workers (>= 2: Ray Train TorchTrainer)")
     p.add_argument("--budget", choices=tuple(BUDGETS), default=DEFAULT_BUDGET, help="orchestrator/budgets.py")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and noise")
-    p.add_argument("--select", choices=("train-domain", "oracle"), default="train-domain",
+    p.add_argument("--select", choices=("train-domain", "oracle"), default=None,
                    help="which examples the logged validation ACR uses (see orchestrator.sweep)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
     p.add_argument("--tracking-uri", help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlflow.db; in a Ray "
@@ -122,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         st.filesystem(storage_uri)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    splits = load_splits(dataset, args.data_root, budget)
-    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
+    splits = load_splits(dataset, args.data_root, budget, name)
+    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(name))
+    args.select = selection.method      # resolved default (orchestrator/selection.py)
     data = loop_data(splits, selection)
     started, resources = False, None
     if args.workers > 1:
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "data_source": splits.info.source, "selection": args.select,
                                              "search_n0": budget.search_n0, "search_n": budget.search_n,
                                              "search_examples": len(selection.sel_indices), "seed": args.seed})
-        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
+        cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs, name),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
                          alpha=budget.alpha, cert_batch=budget.cert_batch)
         t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 last = run_training(cfg, data, LocalSession(ckpt_dir, resume=resume_dir is not None,
                                                             on_report=on_report))
-                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed)
+                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed, name)
             else:
                 last, rows = _fit_torch_trainer(cfg, data, args, run_id, tracking_uri, storage_uri, resources,
                                                 resume_dir, splits, selection, budget, MLflowTrainCallback)
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("validation ACR", f"{val:.4f}   [{len(selection.sel_indices)} {selection.sel_split} examples, "
                            f"n={budget.search_n}]"),
         ("test ACR", f"{test[tracking.TEST_PREFIX + 'acr']:.4f}   [{len(selection.test_indices)} "
-                     f"{selection.test_label} examples, n={budget.final_n}]"),
+                     f"{selection.test_label} examples, n={budget.final_n_for(name)}]"),
         ("data source", splits.info.source),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
     ]))
@@ -224,9 +225,9 @@ def _last_checkpoint(cl, run_id: str, dst: Path) -> Path | None:
     return Path(path).parent
 
 
-def _certify(checkpoint_file: str, splits, selection, budget, seed: int):
+def _certify(checkpoint_file: str, splits, selection, budget, seed: int, name: str):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
-                         n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
+                         n=budget.final_n_for(name), alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
 
 
 def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_uri: str, resources,
@@ -252,7 +253,7 @@ def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_
     if result.checkpoint is None:
         raise RuntimeError("Ray Train returned no checkpoint")
     with result.checkpoint.as_directory() as d:
-        rows = _certify(str(Path(d) / CHECKPOINT_FILE), splits, selection, budget, args.seed)
+        rows = _certify(str(Path(d) / CHECKPOINT_FILE), splits, selection, budget, args.seed, cfg.trainable)
     return dict(result.metrics or {}), rows
 
 

@@ -74,6 +74,9 @@ class LoopData:
     sel_y: torch.Tensor
     sel_idx: list[int]
     sel_split: str = "val"
+    #: further selection sets certified at every evaluation, name -> (x, y, indices); reported as
+    #: {name}_acr / {name}_clean_acc (the sweep's "oracle" test-domain hold-out: orchestrator/selection.py)
+    extra_sets: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(default_factory=dict)
 
 
 # --- where the loop runs --------------------------------------------------------------------------------------
@@ -206,18 +209,19 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
-def certify_selection(trainable, data: LoopData, cfg: LoopConfig):
-    """Certified rows of the selection examples with the search settings (objective of the search)."""
-    return trainable.certifier().certify_many(data.sel_x, data.sel_y.tolist(), data.sel_idx, n0=cfg.n0, n=cfg.n,
+def certify_selection(trainable, data: LoopData, cfg: LoopConfig, which: str | None = None):
+    """Certified rows of the selection examples (or of extra set `which`) with the search settings."""
+    x, y, idx = (data.sel_x, data.sel_y, data.sel_idx) if which is None else data.extra_sets[which]
+    return trainable.certifier().certify_many(x, y.tolist(), idx, n0=cfg.n0, n=cfg.n,
                                               alpha=cfg.alpha, batch_size=cfg.cert_batch, seed=cfg.seed)
 
 
-def selection_metrics(rows) -> dict[str, float]:
-    """val_acr and val_clean_acc (certified accuracy at radius 0) of certified rows."""
+def selection_metrics(rows, prefix: str = "val") -> dict[str, float]:
+    """{prefix}_acr and {prefix}_clean_acc (certified accuracy at radius 0) of certified rows."""
     from trainables import metrics as M
 
-    return {tracking.VAL_ACR: float(M.acr(rows)),
-            tracking.VAL_CLEAN_ACC: float(M.certified_accuracy(rows, (0.0,))[0.0])}
+    return {f"{prefix}_acr": float(M.acr(rows)),
+            f"{prefix}_clean_acc": float(M.certified_accuracy(rows, (0.0,))[0.0])}
 
 
 def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
@@ -240,13 +244,18 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
 
     tensors = materialize(data.train)
     n_train = len(tensors[1]) if tensors is not None else len(data.train)
-    batch_size = int(trainable.hparams.get("batch_size", 256))
+    batch_size = int(trainable.hparams.get("batch_size") or 256)
     last: dict[str, Any] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        for idx in epoch_batches(n_train, batch_size, cfg.seed, epoch, session.rank, session.world):
+        if hasattr(trainable, "epoch_batches"):    # a trainable's own batching (GLEAN: every environment per batch)
+            domains = tensors[2] if tensors is not None else data.train.domains
+            batches = trainable.epoch_batches(domains, cfg.seed, epoch, session.rank, session.world)
+        else:
+            batches = epoch_batches(n_train, batch_size, cfg.seed, epoch, session.rank, session.world)
+        for idx in batches:
             if tensors is not None:
                 x, y, d = (t[idx] for t in tensors)
             else:
@@ -273,6 +282,8 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
             if rank0:
                 rows = certify_selection(trainable, data, cfg)
                 report.update(selection_metrics(rows))
+                for name in data.extra_sets:      # e.g. oracle_acr: every protocol's metric at every evaluation
+                    report.update(selection_metrics(certify_selection(trainable, data, cfg, name), name))
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
                 if done == cfg.epochs:   # the final report carries the run's artifacts in its checkpoint dir

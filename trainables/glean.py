@@ -6,7 +6,12 @@ Network. x (pixels in [0,1]) -> Psi -> z -> beta -> logits. Psi starts with the 
 - cmnist: Psi = [Normalize, Flatten, OrthoLinear(392, hidden), MaxMin, OrthoLinear(hidden, hidden), MaxMin],
   beta = Linear(hidden, 2) with bias (the paper's "three-layer MLP ... final linear layer as beta").
 - celeba / domainnet: Psi = 4 Cayley-orthogonal convolutions (Trockman & Kolter 2021; the second with stride 2 as
-  an orthogonal pixel-unshuffle) each followed by MaxMin, then global average pooling; beta = Linear.
+  an orthogonal pixel-unshuffle) each followed by MaxMin, then global pooling scaled to be exactly 1-Lipschitz
+  (sum / sqrt(HW), `GlobalNormPool`; the plain mean is 1/sqrt(HW)-Lipschitz, L = 1/32 at 64 px, which would make
+  the latent sigma an input-space sigma of 32 x 0.12 and the radius grid incomparable with the paper's); beta =
+  Linear. So on every dataset L = 1 (times 1/std of the normaliser, 1 here): the latent sigma = 0.12 is an
+  input-space sigma of 0.12, the same as the baselines' sigma, and the reported radius grid (0-0.45,
+  trainables.metrics.RADII_GLEAN) means on CelebA/DomainNet what it means on CMNIST.
 `lipschitz=False` (the paper's "w/o Lipschitz" ablation) swaps in free nn.Linear / nn.Conv2d layers and ReLU.
 L = the Lipschitz constant of Psi is always computed from the layers (`trainables.lipschitz`): spectral norms
 (for free layers an upper bound: product of spectral norms; a free convolution is bounded by the sum of its
@@ -48,12 +53,8 @@ base classifier is reported next to it as `det_radius` / `det_predict` (see Late
 """
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,20 +63,25 @@ from trainables.base import Trainable
 from trainables.data import DataInfo
 from trainables.hparams import HParam
 from trainables.irm import ESTIMATORS, irm_penalty
-from trainables.lipschitz import (CayleyConv2d, GlobalAvgPool, MaxMin, lipschitz_constant, orthogonal_linear)
+from trainables.lipschitz import (CayleyConv2d, GlobalNormPool, MaxMin, lipschitz_constant, orthogonal_linear)
 from trainables.models import Normalize
-from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, CertRow, Smooth
+from trainables.latent_smooth import LatentCertRow, LatentSmooth  # noqa: F401  (LatentCertRow re-exported)
+from trainables.smoothing import Smooth
 
 SIGMAS = (0.12, 0.25, 0.5, 1.0)
 
+#: Search ranges (the default sweep, search_spaces/glean.py) are narrowed around the IRM reference's values: the
+#: quick budget's sweep runs 2 trials and must end with an invariant model, so a trial may not land on
+#: lam ~ 10 or an annealing longer than the run (what the wide ranges gave: ERM on colour). The paper's
+#: parameter study (lam 10..1e6, all four sigmas) passes its grid explicitly with --space.
 HPARAMS: dict[str, HParam] = {
     "sigma": HParam(0.12, choices=SIGMAS, check="> 0",
                     doc="latent noise std in training and certification (paper: 0.12; study 0.12-1.0)"),
-    "lam": HParam(10_000.0, 10.0, 1e6, log=True, check=">= 0",
-                  doc="IRM penalty weight lambda of Eq. 8 (paper: 10,000; study 10..1e6; 0 = no invariance)"),
-    "anneal_steps": HParam(100, 0, 300, integer=True, check=">= 0",
+    "lam": HParam(10_000.0, 1e3, 1e5, log=True, check=">= 0",
+                  doc="IRM penalty weight lambda of Eq. 8 (paper: 10,000; its study 10..1e6 via --space; 0 = no invariance)"),
+    "anneal_steps": HParam(100, 50, 150, integer=True, check=">= 0",
                            doc="steps with penalty weight min(1, lam) before lam (IRM reference default: 100)"),
-    "lr": HParam(0.001, 1e-4, 1e-2, log=True, check="> 0", doc="Adam learning rate (IRM reference default)"),
+    "lr": HParam(0.001, 5e-4, 2e-3, log=True, check="> 0", doc="Adam learning rate (IRM reference default)"),
     "l2": HParam(0.001, 1e-5, 1e-2, log=True, check=">= 0",
                  doc="L2 weight on the free parameters, divided by the penalty weight with the rest (IRM default)"),
     "hidden": HParam(256, 64, 512, log=True, integer=True, check=">= 1",
@@ -86,9 +92,70 @@ HPARAMS: dict[str, HParam] = {
                         doc="orthogonal layers + MaxMin (True) or free layers + ReLU ('w/o Lipschitz' ablation)"),
     "penalty_estimator": HParam("full_batch", choices=ESTIMATORS,
                                 doc="IRM penalty: full_batch (IRM reference, biased) or two_half (DomainBed)"),
-    "batch_size": HParam(60_000, check=">= 1",
-                         doc="examples per step; the default exceeds CMNIST's training set: full batch as IRM"),
+    "head": HParam("two_logit", choices=("two_logit", "one_logit"),
+                   doc="binary tasks: two free logits, or one logit l with logits [0, l] (the IRM reference's)"),
+    "l2_scope": HParam("free", choices=("free", "head"),
+                       doc="parameters under the L2 term: every free one (module docstring) or beta only"),
+    "batch_size": HParam(None, check=">= 1 or None",
+                         doc="examples per step, every training environment in every batch in proportion; "
+                             "None = the dataset's BATCH_BY_DATASET (cmnist: full batch as IRM)"),
 }
+
+
+#: default examples per optimisation step. cmnist: more than its training set, i.e. full batch as the IRM reference
+#: (one step per epoch). celeba / domainnet: mini-batches (a full batch of 30k-60k 64x64 images through four FFT
+#: convolutions would need 16-31 GB of activations; 128 images need ~1 GB on the CPU), every training
+#: environment present in each (environment_batches). DomainNet has 5 training domains: 160 = 32 per domain.
+BATCH_BY_DATASET = {"cmnist": 60_000, "celeba": 128, "domainnet": 160}
+
+
+def environment_batches(domains: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                        world: int = 1) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch in which EVERY training environment appears (the IRM penalty is computed per
+    environment per batch). ceil(n / batch_size) batches; environment e contributes max(2 * world,
+    round(batch_size * n_e / n)) examples to each, drawn from its own permutation seeded by (seed, epoch, e) and
+    cycled if it runs out (a small environment is revisited rather than missing from a batch). With batch_size
+    >= n this is the full batch. DDP: rank r takes positions r::world of each environment's share, so every
+    rank's shard holds every environment as well."""
+    domains = torch.as_tensor(domains)
+    n = len(domains)
+    envs = torch.unique(domains).tolist()
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch) * 7_919) & 0x7FFFFFFFFFFF)
+    perms = []
+    for e in envs:
+        members = torch.nonzero(domains == e).flatten()
+        perms.append(members[torch.randperm(len(members), generator=g)])
+    batch_size = max(1, int(batch_size))
+    steps = max(1, -(-n // batch_size))
+    shares = [len(p) if batch_size >= n else max(2 * world, round(batch_size * len(p) / n)) for p in perms]
+    for k in range(steps):
+        parts = [p[torch.arange(k * m, (k + 1) * m) % len(p)][rank::world] for p, m in zip(perms, shares)]
+        yield torch.cat(parts)
+
+
+class OneLogitHead(nn.Module):
+    """beta for a binary task with one free logit, as the IRM reference: logits = [0, w.z + b]. Exposes
+    `weight` [2, k] and `bias` [2] (row 0 zero) so it is read like an nn.Linear(k, 2) by the certifier; the
+    cross-entropy on [0, l] is exactly the reference's BCE on l, so risk and penalty are the reference's."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 1)
+        self.in_features, self.out_features = in_features, 2
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.linear.weight
+        return torch.cat([torch.zeros_like(w), w])
+
+    @property
+    def bias(self) -> torch.Tensor:
+        b = self.linear.bias
+        return torch.cat([torch.zeros_like(b), b])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        l = self.linear(z)
+        return torch.cat([torch.zeros_like(l), l], dim=1)
 
 
 class GleanNet(nn.Module):
@@ -130,7 +197,8 @@ class GleanNet(nn.Module):
         return lipschitz_constant(self.encoder, self.input_shape)
 
 
-def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool) -> GleanNet:
+def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool, head: str = "two_logit"
+                    ) -> GleanNet:
     """The paper's networks: a 3-layer MLP on cmnist, a 4-layer CNN on image datasets (module docstring)."""
     normalize = Normalize(info.mean, info.std)
     act = MaxMin if lipschitz else nn.ReLU
@@ -152,12 +220,16 @@ def build_glean_net(info: DataInfo, hidden: int, width: int, lipschitz: bool) ->
         layers: list[nn.Module] = [normalize]
         for conv in convs:
             layers += [conv, act()]
-        encoder = nn.Sequential(*layers, GlobalAvgPool())
+        encoder = nn.Sequential(*layers, GlobalNormPool())     # 1-Lipschitz pooling: L = 1 (lipschitz.py)
         latent = 2 * width
-    head = nn.Linear(latent, info.num_classes)
-    nn.init.xavier_uniform_(head.weight)   # as the IRM reference
-    nn.init.zeros_(head.bias)
-    return GleanNet(encoder, head, info.input_shape)
+    if head == "one_logit" and info.num_classes == 2:
+        beta: nn.Module = OneLogitHead(latent)
+        linear = beta.linear
+    else:
+        beta = linear = nn.Linear(latent, info.num_classes)
+    nn.init.xavier_uniform_(linear.weight)   # as the IRM reference
+    nn.init.zeros_(linear.bias)
+    return GleanNet(encoder, beta, info.input_shape)
 
 
 class Glean(Trainable):
@@ -173,42 +245,68 @@ class Glean(Trainable):
                 f"risks across them); dataset {info.name!r} has {info.num_train_domains}. "
                 f"Use one of {', '.join(self.DATASETS)}.")
         super().__init__(hparams, info, epochs, device)
+        if self.hparams["batch_size"] is None:
+            self.hparams["batch_size"] = BATCH_BY_DATASET.get(info.name, 128)
+
+    def epoch_batches(self, domains: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1
+                      ) -> Iterator[torch.Tensor]:
+        """The training loop's batches for GLEAN: every training environment in every batch."""
+        return environment_batches(domains, self.hparams["batch_size"], seed, epoch, rank, world)
 
     def build_net(self) -> GleanNet:
         h = self.hparams
-        return build_glean_net(self.info, h["hidden"], h["width"], h["lipschitz"])
+        return build_glean_net(self.info, h["hidden"], h["width"], h["lipschitz"], h["head"])
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=self.hparams["lr"])
 
     def l2_parameters(self) -> list[torch.Tensor]:
-        """The parameters under the L2 term (module docstring): all when free, else beta's weight + biases."""
+        """The parameters under the L2 term (module docstring): beta's (l2_scope=head); else all when free,
+        beta's weight + every bias when orthogonal."""
+        head = list(self.net.head.parameters())
+        if self.hparams["l2_scope"] == "head":
+            return head
         if not self.hparams["lipschitz"]:
             return list(self.net.parameters())
-        return [self.net.head.weight] + [p for name, p in self.net.named_parameters() if name.endswith("bias")]
+        return [p for p in head if p.dim() > 1] + [p for name, p in self.net.named_parameters()
+                                                   if name.endswith("bias")]
 
     def penalty_weight(self, step: int | None = None) -> float:
         step = self.step if step is None else step
         lam = float(self.hparams["lam"])
         return lam if step >= self.hparams["anneal_steps"] else min(1.0, lam)
 
-    def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Eq. 8 as stated in the module docstring for logits already computed on noisy latents."""
+    def environment_terms(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per training environment e = 0..E-1 of this batch: (risks [E], IRM penalties [E], accuracies [E]).
+        The one place per-environment terms are computed (a data-parallel run combines them across ranks here).
+        A batch lacking an environment is an error: IRM compares every environment in every step."""
+        n_env = self.info.num_train_domains
+        present = set(torch.unique(d).tolist())
+        if present != set(range(n_env)):
+            missing = sorted(set(range(n_env)) - present)
+            raise ValueError(f"glean: a batch lacks training environment(s) {missing} of {n_env} (every batch must "
+                             "hold every environment; use environment_batches or a larger batch_size)")
         risks, penalties, accs = [], [], []
-        for env in torch.unique(d):
+        for env in range(n_env):
             m = d == env
             risks.append(F.cross_entropy(logits[m], y[m]))
             penalties.append(irm_penalty(logits[m], y[m], self.hparams["penalty_estimator"]))
             accs.append((logits[m].argmax(1) == y[m]).float().mean())
-        risk, penalty = torch.stack(risks).mean(), torch.stack(penalties).mean()
+        return torch.stack(risks), torch.stack(penalties), torch.stack(accs)
+
+    def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Eq. 8 as stated in the module docstring for logits already computed on noisy latents."""
+        risks, penalties, accs = self.environment_terms(logits, y, d)
+        risk, penalty = risks.mean(), penalties.mean()
         l2 = sum(p.pow(2).sum() for p in self.l2_parameters())
         weight = self.penalty_weight()
         loss = risk + self.hparams["l2"] * l2 + weight * penalty
         if weight > 1.0:
             loss = loss / weight   # keeps gradients in range (IRM reference)
         return loss, {"risk": risk.item(), "penalty": penalty.item(), "penalty_weight": weight,
-                      "train_acc": torch.stack(accs).mean().item()}
+                      "train_acc": accs.mean().item()}
 
     def update(self, x, y, d):
         self.model.train()
@@ -232,155 +330,3 @@ class Glean(Trainable):
         """Input-space smoothing of the same network (Smooth with noise on x, the frozen copy of the network):
         for speed comparisons only -- its radius sigma * Phi^-1(pA) is not GLEAN's certificate."""
         return Smooth(self.net.frozen(), self.info.num_classes, self.sigma if sigma is None else sigma)
-
-
-# ------------------------------------------------------------------------------------------------------------
-@dataclass
-class LatentCertRow(CertRow):
-    """A CertRow with GLEAN's deterministic certificate (LatentSmooth's docstring defines both fields)."""
-
-    det_predict: int = -1
-    det_radius: float = 0.0
-
-
-class LatentSmooth(Smooth):
-    """GLEAN's smoothed classifier g(x) = argmax_c P(beta(Psi(x) + eps) = c), eps ~ N(0, sigma^2 I_k).
-
-    trainables.smoothing.Smooth with its hooks overridden (same statistics, same API and CertRows): `_prepare`
-    runs the encoder once per example, `_sample_counts` samples in the class dimension, `_radius` divides by L.
-
-    Class-space sampling: with beta(z) = W z + b, the argmax only depends on the logit differences to class 0,
-    Delta = D z + db + D eps with D = W[1:] - W[0], db = b[1:] - b[0], and D eps ~ N(0, sigma^2 D D^T).
-    D D^T = U diag(lam) U^T (eigh) gives the factor A = U_r sqrt(lam_r) over its r = rank <= C - 1 positive
-    eigenvalues (rank deficiency handled: null directions carry no noise), so Delta = D z + db + sigma A g,
-    g ~ N(0, I_r): the same distribution of predictions as latent sampling at O(r) instead of O(kC) per sample.
-    For two classes, one normal per sample compared with a threshold. Noise is drawn in chunks of up to 2^20
-    samples (`batch_size` does not apply: there is no forward pass); the rows depend on (seed, idx), not on how
-    examples are split into calls or threads.
-
-    Radius (Theorem 2): sigma * Phi^-1(pA_lower) / L, L = the encoder's Lipschitz constant computed from the
-    layers when the certifier is built (attribute `lipschitz`).
-
-    Deterministic certificate (beyond the paper; its own columns, never mixed with the Monte-Carlo radius):
-    the base classifier f = beta o Psi predicts a = argmax(W z + b) and keeps it within
-        det_radius = min_{b != a} ((W_a - W_b) z + b_a - b_b) / (L ||W_a - W_b||)
-    of x (an L-Lipschitz encoder moves z by at most L r; the margin to class b shrinks by at most ||W_a - W_b||
-    per unit of z). No failure probability, no Monte-Carlo cap. In the rows: det_predict = a; det_radius = that
-    radius when a == the smoothed prediction == label, else 0 -- so det_radius, like radius, counts only where
-    the row is `correct` (trainables.metrics.summarize reports det_acr / det_certacc_r<r> from these columns).
-    For two classes a == g(x) unless CERTIFY abstains (or fails, probability <= alpha), and det_radius equals the
-    exact radius of the latent smoothed classifier, sigma Phi^-1(Phi(margin / (sigma ||W_1 - W_0||))) / L.
-    """
-
-    CHUNK = 1 << 20
-
-    def __init__(self, net: GleanNet, num_classes: int, sigma: float, lipschitz: float | None = None):
-        super().__init__(net, num_classes, sigma, input_shape=net.input_shape)
-        self.net = net
-        net.eval()
-        self.lipschitz = float(net.lipschitz() if lipschitz is None else lipschitz)
-        if not (self.lipschitz > 0 and math.isfinite(self.lipschitz)):
-            raise ValueError(f"the encoder's Lipschitz constant must be finite and > 0, got {self.lipschitz}")
-        with torch.no_grad():
-            w, b = net.head.weight.detach().double().cpu(), net.head.bias.detach().double().cpu()
-            lam, u = torch.linalg.eigh((w[1:] - w[0]) @ (w[1:] - w[0]).T)
-            keep = lam > lam.max().clamp_min(0) * 1e-12
-            self.factor = (u[:, keep] * lam[keep].sqrt()).float()     # A  [C-1, r]
-            self.diff_w = (w[1:] - w[0]).float()                       # D  [C-1, k]
-            self.diff_b = (b[1:] - b[0]).float()                       # db [C-1]
-            self._w, self._b = w.float(), b.float()
-
-    # --- Smooth's hooks -------------------------------------------------------------------------------------
-    def _prepare(self, xs: torch.Tensor) -> torch.Tensor:
-        """z = Psi(x): [B, *input_shape] -> [B, k] on the CPU, the encoder run once per example."""
-        return torch.cat([self.net.encoder(xs[i:i + 4096].to(self.device, torch.float32)).float().cpu()
-                          for i in range(0, len(xs), 4096)])
-
-    def _sample_counts(self, z: torch.Tensor, num: int, batch_size: int,
-                       generator: torch.Generator | None) -> torch.Tensor:
-        return torch.from_numpy(self.class_counts(z, num, generator))
-
-    def _radius(self, pA_lower: float) -> float:
-        return super()._radius(pA_lower) / self.lipschitz
-
-    def _make_row(self, idx, label, prediction, radius, seconds, z) -> LatentCertRow:
-        a, r = self.det_certificates(z[None])
-        ok = int(a[0]) == label == prediction
-        return LatentCertRow(idx=idx, label=label, predict=prediction, radius=radius,
-                             correct=int(prediction == label), time=seconds,
-                             det_predict=int(a[0]), det_radius=float(r[0]) if ok else 0.0)
-
-    def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)   # the class-space noise is drawn on the CPU
-
-    def certify_many(self, xs, labels, indices, n0: int = N0, n: int = N, alpha: float = ALPHA,
-                     batch_size: int = BATCH_SIZE, seed: int = 0) -> list[LatentCertRow]:
-        """Smooth.certify_many, the examples shared out over torch.get_num_threads() threads (contiguous
-        shards; each example has its own generator, so the rows are those of one sequential call)."""
-        k = max(1, min(torch.get_num_threads(), len(xs)))
-        labels, indices = list(labels), list(indices)
-        bounds = [round(i * len(xs) / k) for i in range(k + 1)]
-        sup = super().certify_many
-
-        def shard(s: int) -> list:
-            lo, hi = bounds[s], bounds[s + 1]
-            return sup(xs[lo:hi], labels[lo:hi], indices[lo:hi], n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-                       seed=seed)
-
-        was_training = self.net.training
-        self.net.eval()   # once for all threads (each shard's own eval/restore would race)
-        try:
-            if k == 1:
-                return shard(0)
-            with ThreadPoolExecutor(max_workers=k) as pool:
-                return [row for part in pool.map(shard, range(k)) for row in part]
-        finally:
-            self.net.train(was_training)
-
-    # --- sampling -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def class_counts(self, z: torch.Tensor, num: int, generator: torch.Generator | None = None) -> np.ndarray:
-        """Counts [C] of beta(z + eps) over `num` samples, drawn in the class dimension (class docstring)."""
-        mean = self.diff_w @ z.cpu().float() + self.diff_b
-        r = self.factor.shape[1]
-        if self.factor.shape == (1, 1):
-            # two classes: class 1 iff mean + sigma * a * g > 0, i.e. g beyond a threshold
-            a = float(self.factor[0, 0])
-            thr = -float(mean[0]) / (self.sigma * a)
-            ones = 0
-            for start in range(0, num, self.CHUNK):
-                g = torch.randn(min(self.CHUNK, num - start), generator=generator)
-                ones += int((g > thr).sum() if a > 0 else (g < thr).sum())
-            return np.array([num - ones, ones], dtype=np.int64)
-        counts = torch.zeros(self.num_classes, dtype=torch.long)
-        step = max(1, self.CHUNK // max(r, 1))
-        for start in range(0, num, step):
-            m = min(step, num - start)
-            delta = mean + self.sigma * (torch.randn(m, r, generator=generator) @ self.factor.T)
-            best, arg = delta.max(dim=1)
-            counts += torch.bincount(torch.where(best > 0, arg + 1, 0), minlength=self.num_classes)
-        return counts.numpy()
-
-    @torch.no_grad()
-    def latent_counts(self, z: torch.Tensor, num: int, generator: torch.Generator | None = None,
-                      chunk: int = 10_000) -> np.ndarray:
-        """The same counts by the definition, beta(z + eps) with eps drawn in the latent space (slower; the
-        tests compare it with `class_counts`)."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long)
-        z = z.cpu().float()
-        for start in range(0, num, chunk):
-            m = min(chunk, num - start)
-            eps = torch.randn(m, z.shape[0], generator=generator) * self.sigma
-            counts += torch.bincount(((z + eps) @ self._w.T + self._b).argmax(dim=1), minlength=self.num_classes)
-        return counts.numpy()
-
-    @torch.no_grad()
-    def det_certificates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction a [B], radius [B]) of the deterministic certificate for latents z [B, k] (class doc)."""
-        logits = z.float() @ self._w.T + self._b                           # [B, C]
-        a = logits.argmax(dim=1)
-        margin = logits.gather(1, a[:, None]) - logits                      # [B, C], >= 0
-        norms = torch.cdist(self._w, self._w)                               # ||W_a - W_b||  [C, C]
-        ratio = margin / (norms[a] * self.lipschitz)
-        ratio[torch.arange(len(a)), a] = math.inf
-        return a, ratio.min(dim=1).values

@@ -49,6 +49,17 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class GlobalNormPool(nn.Module):
+    """[B, C, H, W] -> [B, C], the spatial sum divided by sqrt(HW) (= the mean times sqrt(HW)): exactly
+    1-Lipschitz in l2 (Cauchy-Schwarz, tight on spatially constant inputs). GLEAN's conv encoder pools with it so
+    that its L is 1, as the MLP's: the mean's 1/sqrt(HW) (1/32 at 64 px) would otherwise divide every radius
+    by 1/32, i.e. turn the latent sigma = 0.12 into an input-space sigma of 3.84, and no radius on the paper's
+    grid (0-0.45) would mean what it means on CMNIST."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=(2, 3)) / math.sqrt(x.shape[2] * x.shape[3])
+
+
 def orthogonal_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
     """`nn.Linear` with a Cayley-parametrized orthogonal weight (spectral norm 1, also when rectangular)."""
     return orthogonal(nn.Linear(in_features, out_features, bias=bias), orthogonal_map="cayley")
@@ -113,9 +124,18 @@ class CayleyConv2d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------
+#: relative margin added per weighted layer to the computed constant: the network runs in float32, whose
+#: rounding can make an orthogonal layer's realised gain exceed its float64 spectral norm by ~1e-7 * sqrt(width);
+#: 1e-5 per layer covers that with room (it shortens radii by 0.001% per layer)
+ROUNDING_MARGIN = 1e-5
+
+
 def spectral_norm(weight: torch.Tensor) -> float:
-    """Largest singular value of a matrix (or the largest over a batch of matrices)."""
-    return float(torch.linalg.matrix_norm(weight.detach(), ord=2).max())
+    """Largest singular value of a matrix (or the largest over a batch of matrices), computed in float64
+    (complex128 for Fourier-domain matrices) from the weights as stored."""
+    w = weight.detach()
+    w = w.to(torch.complex128) if w.is_complex() else w.double()
+    return float(torch.linalg.matrix_norm(w, ord=2).max())
 
 
 def orthogonal_layers(module: nn.Module) -> list[nn.Module]:
@@ -131,7 +151,7 @@ def largest_singular_value(layer: nn.Module) -> float:
     return spectral_norm(layer.weight)
 
 
-_ONE_LIPSCHITZ = (nn.Flatten, nn.ReLU, MaxMin, nn.Identity, nn.PixelUnshuffle)
+_ONE_LIPSCHITZ = (nn.Flatten, nn.ReLU, MaxMin, nn.Identity, nn.PixelUnshuffle, GlobalNormPool)
 
 
 @torch.no_grad()
@@ -141,13 +161,14 @@ def layer_lipschitz(layer: nn.Module, in_shape: Sequence[int]) -> float:
         return layer.lipschitz
     if isinstance(layer, _ONE_LIPSCHITZ):
         return 1.0
+    margin = 1.0 + ROUNDING_MARGIN
     if isinstance(layer, nn.Linear):
-        return spectral_norm(layer.weight)
+        return spectral_norm(layer.weight) * margin
     if isinstance(layer, CayleyConv2d):
-        return spectral_norm(layer.fft_matrices())
+        return spectral_norm(layer.fft_matrices()) * margin
     if isinstance(layer, nn.Conv2d):
         w = layer.weight
-        return float(sum(spectral_norm(w[:, :, i, j]) for i in range(w.shape[2]) for j in range(w.shape[3])))
+        return float(sum(spectral_norm(w[:, :, i, j]) for i in range(w.shape[2]) for j in range(w.shape[3]))) * margin
     if isinstance(layer, GlobalAvgPool):
         return 1.0 / math.sqrt(in_shape[-1] * in_shape[-2])
     if isinstance(layer, nn.Sequential):
@@ -159,7 +180,8 @@ def layer_lipschitz(layer: nn.Module, in_shape: Sequence[int]) -> float:
 @torch.no_grad()
 def lipschitz_constant(seq: nn.Sequential, input_shape: Sequence[int]) -> float:
     """Product of the layers' Lipschitz constants (an upper bound for the composition), for one input of
-    shape `input_shape`; shapes are traced with a zero input so shape-dependent layers (pooling) are exact."""
+    shape `input_shape`; shapes are traced with a zero input so shape-dependent layers (pooling) are exact.
+    Every factor is a Python float (float64), each weighted layer's with ROUNDING_MARGIN added."""
     x = torch.zeros(1, *input_shape, device=next((p.device for p in seq.parameters()), torch.device("cpu")))
     total = 1.0
     was_training = seq.training
@@ -171,3 +193,15 @@ def lipschitz_constant(seq: nn.Sequential, input_shape: Sequence[int]) -> float:
     finally:
         seq.train(was_training)
     return total
+
+
+def jacobian_norm(module: nn.Module, x: torch.Tensor) -> float:
+    """The spectral norm of module's Jacobian at one input x (no batch dimension), computed in float64 on a
+    float64 copy of the module: a lower bound of its Lipschitz constant that tests hold the computed L against
+    (a layer whose L is understated shows up here)."""
+    import copy
+
+    m = copy.deepcopy(module).double().eval()
+    xd = x.detach().double().unsqueeze(0)
+    jac = torch.autograd.functional.jacobian(lambda v: m(v).flatten(), xd).reshape(-1, xd.numel())
+    return float(torch.linalg.matrix_norm(jac, ord=2))

@@ -87,7 +87,7 @@ def summarize(rows_or_df: Any, radii: Sequence[float], prefix: str = "") -> dict
 
     acr, clean_acc (smoothed accuracy = certified accuracy at r = 0), abstain_rate, certacc_r<r> for r in
     radii, and, where the rows carry GLEAN's deterministic certificate (det_radius, det_predict), det_acr and
-    det_certacc_r<r>: rows where det_predict and predict both equal the label, radius det_radius.
+    det_certacc_r<r>: rows where det_predict equals the label (whatever the Monte-Carlo run did), radius det_radius.
     """
     df = _nonempty(as_frame(rows_or_df))
     out = {"acr": acr(df), "clean_acc": float((df["correct"].to_numpy(dtype=int) == 1).mean()),
@@ -95,8 +95,8 @@ def summarize(rows_or_df: Any, radii: Sequence[float], prefix: str = "") -> dict
     out.update({certacc_key(r): v for r, v in certified_accuracy(df, radii).items()})
     if "det_radius" in df.columns:
         ok = df["correct"].to_numpy(dtype=int) == 1
-        if "det_predict" in df.columns:
-            ok &= df["det_predict"].to_numpy(dtype=int) == df["label"].to_numpy(dtype=int)
+        if "det_predict" in df.columns:   # the deterministic certificate stands on its own prediction
+            ok = df["det_predict"].to_numpy(dtype=int) == df["label"].to_numpy(dtype=int)
         det = df.assign(radius=df["det_radius"].astype(float), correct=ok.astype(int))
         out["det_acr"] = acr(det)
         out.update({"det_" + certacc_key(r): v for r, v in certified_accuracy(det, radii).items()})
