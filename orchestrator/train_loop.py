@@ -102,6 +102,9 @@ class LocalSession:
             tmp = self.checkpoint_dir / f".tmp-{CHECKPOINT_FILE}"
             shutil.copy2(Path(checkpoint_dir) / CHECKPOINT_FILE, tmp)
             os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: never a half-written checkpoint
+            for extra in Path(checkpoint_dir).iterdir():   # C3: the run's artifacts beside model.pt
+                if extra.is_file() and extra.name != CHECKPOINT_FILE:
+                    shutil.copy2(extra, self.checkpoint_dir / extra.name)
 
 
 class TuneSession:
@@ -242,6 +245,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
     n_train = len(tensors[1]) if tensors is not None else len(data.train)
     batch_size = int(trainable.hparams.get("batch_size", 256))
     history: list[tuple[int, dict[str, float]]] = []
+    step_history: list[list[Any]] = []       # C3: per-optimiser-step metrics since the last report
     last: dict[str, Any] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -259,40 +263,51 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         epoch_metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         epoch_metrics.update({k: float(v) for k, v in trainable.end_epoch(epoch).items()})
         epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        step_history.extend([int(step), dict(m)] for step, m in trainable.step_metrics())
         done = epoch + 1
         history.append((done, epoch_metrics))
         if done not in cfg.eval_epochs and done != cfg.epochs:
             continue
 
         report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
-                                  **{f"train_{k}": v for k, v in epoch_metrics.items()}}
+                                  **{f"train_{k}": v for k, v in epoch_metrics.items()},
+                                  "step_metrics": step_history}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             if rank0:
                 rows = certify_selection(trainable, data, cfg)
                 report.update(selection_metrics(rows))
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
+                artifacts = trainable.write_artifacts(Path(tmp)) if done == cfg.epochs else []
                 if mlflow is not None:
                     from orchestrator import mlflow_utils
                     mlflow_utils.log_metric_history(mlflow, cfg.run_id, history)
+                    mlflow_utils.log_step_metrics(mlflow, cfg.run_id, step_history)
+                    for path in artifacts:
+                        mlflow_utils.log_file(mlflow, cfg.run_id, path, Path(path).name)
                     mlflow_utils.log_metrics(mlflow, cfg.run_id, {k: report[k] for k in
                                              (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC, "world_size")}, step=done)
                     if done == cfg.epochs:   # final logging before the final report (see module docstring)
-                        _log_final(mlflow, cfg, data, rows, Path(tmp) / CHECKPOINT_FILE)
+                        _log_final(mlflow, cfg, data, rows, Path(tmp) / CHECKPOINT_FILE, trainable)
                 history = []
+            step_history = []
             last = report
             session.report(report, tmp)
     return last
 
 
-def _log_final(mlflow, cfg: LoopConfig, data: LoopData, rows, checkpoint_path: Path) -> None:
+def _log_final(mlflow, cfg: LoopConfig, data: LoopData, rows, checkpoint_path: Path, trainable=None) -> None:
     from orchestrator import mlflow_utils
+    from orchestrator.pool import model_fingerprint
     from trainables.metrics import RADII_BY_DATASET
 
     mlflow_utils.log_file(mlflow, cfg.run_id, checkpoint_path, tracking.CHECKPOINT_ARTIFACT)
     radii = RADII_BY_DATASET.get(data.info.name, (0.0,))
     mlflow_utils.log_certification(mlflow, cfg.run_id, rows, data.sel_split, radii,
-                                   prefix=f"{data.sel_split}_", title=f"{cfg.trainable} ({data.sel_split})")
+                                   prefix=f"{data.sel_split}_", title=f"{cfg.trainable} ({data.sel_split})",
+                                   meta=None if trainable is None else {
+                                       "sigma": trainable.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+                                       "seed": cfg.seed, "fingerprint": model_fingerprint(trainable)})
 
 
 # --- Ray entry points (module-level functions: picklable) ------------------------------------------------------
