@@ -203,13 +203,13 @@ def fingerprint(t) -> str:
     return h.hexdigest()
 
 
-def print_table(sigma: float, results: dict, args: argparse.Namespace) -> None:
+def print_table(sigma: float, results: dict, args: argparse.Namespace, paper: dict | None = None,
+                what: str = "DRF Table 1 (90 epochs, n=100,000, 10,000 test images)") -> None:
     radii = list(metrics.RADII_DRF)  # the paper's columns, 0.00-2.75
-    paper = PAPER.get(sigma, {})
+    paper = PAPER.get(sigma, {}) if paper is None else paper
     head = (["method", "ACR", "paper ACR"] + [f"{r:.2f}" for r in radii]
             + ["train s", "cert s", "final lambda", "adv dist"])
-    print(f"\nsigma = {sigma}: certified accuracy (%) at radius r; paper = DRF Table 1 (90 epochs, n=100,000, "
-          f"10,000 test images)")
+    print(f"\nsigma = {sigma}: certified accuracy (%) at radius r; paper = {what}")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, (rows, secs, csecs, last) in results.items():

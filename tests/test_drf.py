@@ -183,3 +183,71 @@ def test_training_loop_logs_lambda_per_step_and_the_plot(setup, tmp_path, mlflow
     assert "lambda_trajectory.png" in {f.path for f in cl.list_artifacts(run_id)}
     sidecars = {f.path for f in cl.list_artifacts(run_id, "certification")}
     assert "certification/val.json" in sidecars and "certification/val.tsv" in sidecars
+
+
+# --- CIFAR-10 as the released code trains it ------------------------------------------------------------------
+def test_crop_flip_is_a_seeded_padded_crop_and_flip():
+    from trainables.augment import crop_flip
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5) + 1
+    out = crop_flip(x, torch.Generator().manual_seed(4), padding=2)
+    again = crop_flip(x, torch.Generator().manual_seed(4), padding=2)
+    assert torch.equal(out, again) and out.shape == x.shape
+    g = torch.Generator().manual_seed(4)                       # the same draws, in crop_flip's order
+    top, left = torch.randint(0, 5, (2,), generator=g), torch.randint(0, 5, (2,), generator=g)
+    flip = torch.rand(2, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        window = padded[i, :, top[i]:top[i] + 5, left[i]:left[i] + 5]
+        assert torch.equal(out[i], window.flip(-1) if flip[i] else window)
+    many = crop_flip(x.repeat(100, 1, 1, 1), torch.Generator().manual_seed(0), padding=2)
+    assert (many == 0).any() and 0.3 < (many[:, 0, 2, 2] != x[0, 0, 2, 2]).float().mean() <= 1
+
+
+def _write_fake_cifar(root, per_batch=8, n_test=4):
+    """CIFAR-10's python layout with random pixels (pickled dicts with 'data' [N, 3072] uint8 and 'labels')."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f, protocol=2)
+
+
+@pytest.mark.filterwarnings("ignore:cifar10.*md5:UserWarning")
+def test_cifar10_driver_smoke(tmp_path, capsys):
+    """benchmarks/drf_cifar10.py end to end on CPU: fake CIFAR-10 files, LeNet instead of ResNet-110."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from trainables.data import DataInfo
+
+    cifar = DataInfo("cifar10", 10, (3, 32, 32), (0.5,) * 3, (0.2,) * 3)
+    assert get_trainable("smoothadv")({"arch": "lenet"}, cifar).hparams["augment"] is True   # the recipe
+    assert get_trainable("smoothadv")({"arch": "lenet"}, cifar, epochs=1).hparams["lr"] == 0.1
+    _write_fake_cifar(tmp_path / "data")
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("drf_cifar10", bench / "drf_cifar10.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.parse_args(["--paper"]).epochs == 150 and mod.parse_args(["--paper"]).train_size is None
+        rc = mod.main(["--data-root", str(tmp_path / "data"), "--epochs", "1", "--train-size", "16",
+                       "--examples", "3", "--n", "20", "--arch", "lenet", "--sigma", "0.25",
+                       "--methods", "gaussian", "drf-smoothadv", "--out", str(tmp_path / "out")])
+    finally:
+        sys.path.remove(str(bench))
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| gaussian |" in text and "| drf-smoothadv |" in text and "2.75" in text
+    assert (tmp_path / "out" / "drf-smoothadv_sigma0.25.json").exists()
+    assert (tmp_path / "out" / "drf-smoothadv_sigma0.25" / "lambda_trajectory.png").exists()
