@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pick = torch.randperm(len(y_all), generator=g)[:args.train_size] if args.train_size else torch.arange(len(y_all))
     x_tr, y_tr = x_all[pick], y_all[pick]
     print(f"data: {splits.info.source}; {len(y_tr)} training examples x {args.epochs} epochs per method "
-          f"(+ {args.pretrain_epochs} shared Gaussian epoch(s) on {len(y_all)}); certify {len(y_test)} test "
+          f"(+ {args.pretrain_epochs} shared Gaussian epoch(s) on {min(args.pretrain_size or len(y_all), len(y_all))}); certify {len(y_test)} test "
           f"examples, n0={args.n0}, n={args.n}, alpha={args.alpha}; {args.threads} thread(s)", flush=True)
 
     if args.out:
