@@ -95,6 +95,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="folder for one certification TSV per method (optional)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter of every method that declares it (e.g. num_steps=4)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's budget: 90 epochs from scratch on all 60,000, n=100,000, all test images")
     args = p.parse_args(argv)
@@ -132,6 +134,8 @@ def train(name: str, hparams: dict, info, x, y, epochs: int, seed: int, device: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from trainables.hparams import parse_assignments
+    overrides = parse_assignments(args.set)
     torch.set_num_threads(args.threads)
     splits = load_dataset("mnist", args.data_root, max_test=args.examples, seed=args.seed)
     x_all, y_all, _ = materialize(splits.train)
@@ -158,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sigma={sigma}: shared Gaussian start trained in {secs:.0f}s", flush=True)
         results = {}
         for name in args.methods:
-            t, secs, last = train(name, {"sigma": sigma}, splits.info, x_tr, y_tr, args.epochs, args.seed,
+            declared = get_trainable(name).HPARAMS
+            hparams = {"sigma": sigma, **{k: v for k, v in overrides.items() if k in declared}}
+            t, secs, last = train(name, hparams, splits.info, x_tr, y_tr, args.epochs, args.seed,
                                   args.device, start)
             c0 = time.perf_counter()
             rows = t.certifier().certify_many(x_test, y_test.tolist(), list(range(len(y_test))), n0=args.n0,
