@@ -223,8 +223,9 @@ def print_table(sigma: float, results: dict, args: argparse.Namespace, paper: di
         p_acr, p_acc = paper.get(name, (float("nan"), ()))
         cells = [f"{100 * acc[r]:.1f}" + (f" ({p_acc[i]:.1f})" if i < len(p_acc) else "")
                  for i, r in enumerate(radii)]
-        lam = f"{last['drf_lambda']:.4f}" if "drf_lambda" in last else "-"
-        dist = f"{last['adv_distance']:.3f}" if "adv_distance" in last else "-"
+        lam = f"{last['drf_lambda_epoch_end']:.4f}" if "drf_lambda_epoch_end" in last else "-"
+        d = last.get("adv_distance_epoch", last.get("adv_distance"))
+        dist = "-" if d is None else f"{d:.3f}"
         print(f"| {name} | {metrics.acr(rows):.3f} | {p_acr:.3f} | " + " | ".join(cells)
               + f" | {secs:.0f} | {csecs:.0f} | {lam} | {dist} |")
     print("(paper's value in parentheses)", flush=True)

@@ -26,8 +26,8 @@ Choices where the paper is silent (stated here, tested in tests/test_trainables.
 - everything else is the base method's (m = 4, ε = 255/256, T = 10, batch split into m chunks with one θ step
   each, lr schedule); λ₀ = 1.0 (SmoothAdv) / 2.0 (Consistency), ζ = 0.02, κ = 100 (DRF paper, MNIST).
 
-`end_epoch` reports `drf_lambda` (λ at the end of the epoch) and `adv_distance` (mean ‖x̂ - x‖₂ over the
-epoch's attacked examples), with `epsilon` (ε_t) and `lr`. Per optimiser step (contract C3): `step_metrics()`
+`end_epoch` reports `drf_lambda_epoch_end` (λ at the end of the epoch) and `adv_distance_epoch` (mean ‖x̂ - x‖₂
+over the epoch's attacked examples), with `epsilon` (ε_t) and `lr`. Per optimiser step (contract C3): `step_metrics()`
 returns [(global step, {"drf_lambda": λ after the step, "adv_distance": the chunk's mean ‖x̂ - x‖₂,
 "drf_delta_kappa": Δ_κ})] since the last call, and `write_artifacts(dir)` plots the whole trajectory as
 `lambda_trajectory.png` (λ and Δ_κ against ε_t). The trajectory is part of `state_dict`, so a resumed run
@@ -103,11 +103,13 @@ class _Drf:
         return [plot_lambda_trajectory(self.trajectory, Path(directory) / "lambda_trajectory.png",
                                        title=f"{self.NAME}, sigma={self.sigma:g}")] if self.trajectory else []
 
-    def train_chunk(self, x, y):
-        return {**super().train_chunk(x, y), "drf_lambda": self.lam}
-
     def end_epoch(self, epoch):
-        return {**super().end_epoch(epoch), "drf_lambda": self.lam}
+        # per-epoch names differ from the per-step ones (C3): MLflow logs epochs at step = epoch and steps at
+        # step = global step, which must not share a metric name
+        out = super().end_epoch(epoch)
+        if "adv_distance" in out:
+            out["adv_distance_epoch"] = out.pop("adv_distance")
+        return {**out, "drf_lambda_epoch_end": self.lam}
 
     def state_dict(self):
         return {**super().state_dict(), "drf_lambda": self.lam, "drf_recent": list(self.recent),
