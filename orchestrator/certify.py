@@ -126,7 +126,8 @@ def log_to_run(tracking_uri: str, run_id: str, df: pd.DataFrame, split: str, dat
 
     cl = mlflow_utils.client(tracking_uri)
     radii = metrics.RADII_BY_DATASET.get(dataset, metrics.RADII_DRF)
-    summary = mlflow_utils.log_certification(cl, run_id, df, split, radii, prefix=f"{split}_", title=title)
+    summary = mlflow_utils.log_certification(cl, run_id, df, split, radii, prefix=f"{split}_", title=title,
+                                             meta=settings)
     mlflow_utils.set_tags(cl, run_id, {f"{split}_cert_{k}": v for k, v in settings.items()})
     return summary
 

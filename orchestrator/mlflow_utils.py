@@ -153,6 +153,12 @@ def log_metric_history(cl, run_id: str, history: Iterable[tuple[int | None, Mapp
         cl.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
+def log_step_metrics(cl, run_id: str, steps: Iterable[Any]) -> None:
+    """Log a report's per-optimiser-step metrics (contract C3: [[global step, {name: value}], ...]) at their
+    steps, so e.g. DRF's drf_lambda has one point per SGD step in the run's history."""
+    log_metric_history(cl, run_id, [(int(step), metrics) for step, metrics in steps])
+
+
 def set_tags(cl, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
@@ -179,17 +185,21 @@ def log_file(cl, run_id: str, local_path: str | os.PathLike, artifact_path: str)
         cl.log_artifact(run_id, str(target), parent or None)
 
 
-def log_certification(cl, run_id: str, rows, split: str, radii, prefix: str, title: str = "") -> dict[str, float]:
+def log_certification(cl, run_id: str, rows, split: str, radii, prefix: str, title: str = "",
+                      meta: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Log one certification of `split`: the summary metrics (prefixed), Cohen's TSV and the
-    certified-accuracy plot at tracking.cert_tsv_artifact / cert_plot_artifact. Returns the metrics."""
+    certified-accuracy plot at tracking.cert_tsv_artifact / cert_plot_artifact, and with `meta` (σ, n0, n, α,
+    fingerprint, seed) its JSON sidecar beside the TSV (trainables.metrics.sidecar_path). Returns the metrics."""
     from trainables import metrics as M
 
     summary = M.summarize(rows, radii, prefix=prefix)
     log_metrics(cl, run_id, summary)
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / Path(tracking.cert_tsv_artifact(split)).name
-        M.write_tsv(rows, tsv)
+        M.write_tsv(rows, tsv, meta=meta)
         log_file(cl, run_id, tsv, tracking.cert_tsv_artifact(split))
+        if M.sidecar_path(tsv).exists():
+            log_file(cl, run_id, M.sidecar_path(tsv), str(M.sidecar_path(tracking.cert_tsv_artifact(split))))
         png = Path(tmp) / Path(tracking.cert_plot_artifact(split)).name
         M.plot_certified_accuracy({title or split: M.read_tsv(tsv)}, png, radii=radii)
         log_file(cl, run_id, png, tracking.cert_plot_artifact(split))

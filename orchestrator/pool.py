@@ -197,12 +197,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_write_tsv(rows_or_df, path: Path, meta: Mapping[str, Any] | None = None) -> None:
-    from trainables.metrics import write_tsv
+    from trainables.metrics import write_sidecar, write_tsv
 
+    if meta:  # the JSON sidecar beside the final name first: the TSV's appearance marks completion
+        write_sidecar(path, meta)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix=".tsv")
     os.close(fd)
     try:
-        write_tsv(rows_or_df, tmp, meta=meta)
+        write_tsv(rows_or_df, tmp, meta={})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -110,6 +110,9 @@ class LocalSession:
             tmp = self.checkpoint_dir / f".tmp-{CHECKPOINT_FILE}"
             shutil.copy2(Path(checkpoint_dir) / CHECKPOINT_FILE, tmp)
             os.replace(tmp, self.checkpoint_dir / CHECKPOINT_FILE)  # atomic: never a half-written checkpoint
+            for extra in Path(checkpoint_dir).iterdir():   # C3: the run's artifacts beside model.pt
+                if extra.is_file() and extra.name != CHECKPOINT_FILE:
+                    shutil.copy2(extra, self.checkpoint_dir / extra.name)
 
 
 class TuneSession:
@@ -270,7 +273,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         done = epoch + 1
         # every epoch is reported (C4): the driver logs it to MLflow once (deduplicated by epoch), so a crash
         # loses no finished epoch; only evaluation epochs add validation metrics and a checkpoint
-        step_metrics = getattr(trainable, "step_metrics", lambda: [])()
+        step_metrics = trainable.step_metrics()
         report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
                                   **{f"train_{k}": v for k, v in epoch_metrics.items()},
                                   "step_metrics": [[int(s), dict(m)] for s, m in step_metrics]}
@@ -296,18 +299,18 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
 def _final_artifacts(trainable, cfg: LoopConfig, data: LoopData, rows, directory: Path) -> dict[str, float]:
     """Write the validation certification (TSV + plot, at their tracking.cert_*_artifact paths) and the
     trainable's own files (C3 write_artifacts) beside model.pt; return the validation summary metrics."""
+    from orchestrator.pool import model_fingerprint
     from trainables import metrics as M
     from trainables.metrics import RADII_BY_DATASET
 
     radii = RADII_BY_DATASET.get(data.info.name, (0.0,))
     tsv = directory / tracking.cert_tsv_artifact(data.sel_split)
     tsv.parent.mkdir(parents=True, exist_ok=True)
-    M.write_tsv(rows, tsv)
+    M.write_tsv(rows, tsv, meta={"sigma": trainable.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+                                 "seed": cfg.seed, "fingerprint": model_fingerprint(trainable)})
     M.plot_certified_accuracy({f"{cfg.trainable} ({data.sel_split})": M.read_tsv(tsv)},
                               directory / tracking.cert_plot_artifact(data.sel_split), radii=radii)
-    write = getattr(trainable, "write_artifacts", None)
-    if write is not None:
-        write(directory)
+    trainable.write_artifacts(directory)
     return M.summarize(rows, radii, prefix=f"{data.sel_split}_")
 
 

@@ -1,6 +1,7 @@
 """Metrics, Cohen et al.'s TSV and the certified-accuracy plot (trainables/metrics.py), hand-computed."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pandas as pd
@@ -54,24 +55,48 @@ def test_summarize_reports_a_deterministic_certificate_separately():
     assert s["det_certacc_r0.3"] == pytest.approx(2 / 3)
 
 
-def test_tsv_round_trip_with_meta_and_extra_columns(tmp_path):
+def test_tsv_round_trip_with_a_json_sidecar_and_extra_columns(tmp_path):
     @dataclass
     class DetRow(CertRow):
         det_radius: float = 0.0
 
     rows = [DetRow(5, 1, 1, 0.123456789012345, 1, 0.25, det_radius=0.5), DetRow(9, 0, ABSTAIN, 0.0, 0, 1.5)]
-    path = M.write_tsv(rows, tmp_path / "c.tsv", meta={"sigma": 0.25, "n0": 100, "n": 100000, "alpha": 0.001})
+    meta = {"sigma": 0.25, "n0": 100, "n": 100000, "alpha": 0.001, "fingerprint": "ab12", "seed": 0}
+    path = M.write_tsv(rows, tmp_path / "c.tsv", meta=meta)
     lines = path.read_text().splitlines()
-    assert lines[:4] == ["# sigma=0.25", "# n0=100", "# n=100000", "# alpha=0.001"]
-    assert lines[4].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "det_radius"]
+    assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "det_radius"]
+    assert not any(line.startswith("#") for line in lines) and len(lines) == 3
+    assert json.loads((tmp_path / "c.json").read_text()) == meta      # the sidecar beside the TSV
     df = M.read_tsv(path)
-    assert df.attrs["meta"] == {"sigma": 0.25, "n0": 100, "n": 100000, "alpha": 0.001}
+    assert df.attrs["meta"] == meta
     assert df["radius"].tolist() == [0.123456789012345, 0.0]  # full precision: shards compare exactly
     assert df["predict"].tolist() == [1, ABSTAIN] and df["idx"].dtype.kind == "i"
     assert df["det_radius"].tolist() == [0.5, 0.0]
     # a DataFrame written back keeps its meta
     again = M.read_tsv(M.write_tsv(df, tmp_path / "d.tsv"))
     assert again.attrs["meta"] == df.attrs["meta"] and again.equals(df)
+
+
+def test_analyze_py_reads_our_tsv_unchanged(tmp_path):
+    """locuslab/smoothing's analyze.py: `pd.read_csv(path, delimiter="\t")`, then certified accuracy at r is
+    (df["correct"] & (df["radius"] >= r)).mean() (ApproximateAccuracy). Extra columns ride along."""
+    @dataclass
+    class DetRow(CertRow):
+        det_radius: float = 0.0
+
+    path = M.write_tsv([DetRow(**r.__dict__, det_radius=0.1) for r in ROWS], tmp_path / "a.tsv",
+                       meta={"sigma": 0.25})
+    df = pd.read_csv(path, delimiter="\t")
+    assert list(df.columns[:6]) == ["idx", "label", "predict", "radius", "correct", "time"]
+    for r in (0.0, 0.25, 0.5, 1.0):
+        assert (df["correct"] & (df["radius"] >= r)).mean() == pytest.approx(M.certified_accuracy(ROWS, [r])[r])
+
+
+def test_reads_tsvs_with_comment_lines_from_earlier_versions(tmp_path):
+    p = tmp_path / "old.tsv"
+    p.write_text("# sigma=0.25\n# n=1000\nidx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t7\t7\t0.5\t1\t0.1\n")
+    df = M.read_tsv(p)
+    assert df.attrs["meta"] == {"sigma": 0.25, "n": 1000} and M.acr(df) == 0.5
 
 
 def test_reads_the_reference_tsv(tmp_path):
@@ -92,7 +117,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
         M.read_tsv(tmp_path / "missing.tsv")
     with pytest.raises(ValueError, match="meta"):
-        M.write_tsv(ROWS, tmp_path / "x.tsv", meta={"a=b": 1})
+        M.write_tsv(ROWS, tmp_path / "x.tsv", meta={"": 1})
 
 
 def test_plot_certified_accuracy(tmp_path):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables import checkpoint
-from trainables.attacks import l2_distance, sample_noises, smoothed_ce, smoothed_pgd
+from trainables.attacks import l2_distance, sample_noises, smoothed_ce, smoothed_pgd, soft_ball_ascent
 from trainables.consistency import consistency_loss
 from trainables.drf import lambda_step
 from trainables.registry import TRAINABLES, UnknownTrainableError, get_trainable
@@ -98,9 +98,9 @@ def test_drf_attack_larger_lambda_stays_closer_and_is_not_projected(mnist):
     torch.manual_seed(2)
     noises = sample_noises(x, 4, 0.25)
     eps = 255 / 256
-    dist = {lam: l2_distance(smoothed_pgd(net, x, y, noises, steps=10, step_size=2 * eps / 10, lam=lam), x).mean()
-            for lam in (0.0, 0.05, 1.0)}
-    assert dist[1.0] < dist[0.05] < dist[0.0]
+    dist = {lam: l2_distance(soft_ball_ascent(net, x, y, noises, steps=10, step_size=2 * eps / 10, lam=lam), x).mean()
+            for lam in (0.0, 0.3, 3.0)}
+    assert dist[3.0] < dist[0.3] < dist[0.0]
     assert dist[0.0] > eps  # no projection: unpenalised ascent leaves the eps-ball
 
 
@@ -126,12 +126,11 @@ def test_lambda_update_formula_clamp_and_short_buffer(mnist):
     assert list(t.recent) == pytest.approx([0.6, 1.0, 1.0, 1.0, 1.0])  # FIFO: the last kappa distances
     assert t.lam == pytest.approx(lam - 0.1 * (eps - 0.92))
 
-    # a huge zeta drives lambda to exactly 0 and keeps it there
+    # a huge zeta drives lambda to exactly 0 (x̂ = x at lambda_0: distance 0), never below
     t = get_trainable("drf-smoothadv")({"zeta": 100.0, "num_steps": 2}, info, epochs=1)
-    for _ in range(2):
-        out = t.update(x, y, torch.zeros_like(y))
-        assert t.lam >= 0.0 and out["drf_lambda"] >= 0.0
-    assert t.lam == 0.0
+    t.update(x, y, torch.zeros_like(y))
+    lams = [m["drf_lambda"] for _, m in t.step_metrics()]
+    assert lams[0] == 0.0 and min(lams) >= 0.0
 
 
 def test_drf_epoch_metrics_and_state_round_trip(mnist, tmp_path):
@@ -141,8 +140,9 @@ def test_drf_epoch_metrics_and_state_round_trip(mnist, tmp_path):
     assert t.lam == 2.0  # lambda_0 of the Consistency variant
     t.update(x, y, torch.zeros_like(y))
     metrics = t.end_epoch(0)
-    assert {"drf_lambda", "adv_distance", "epsilon", "lr"} <= set(metrics)
-    assert metrics["drf_lambda"] == t.lam != 2.0 and metrics["adv_distance"] > 0
+    assert {"drf_lambda_epoch_end", "adv_distance_epoch", "epsilon", "lr"} <= set(metrics)
+    assert not {"drf_lambda", "adv_distance"} & set(metrics)        # those names are per step (C3)
+    assert metrics["drf_lambda_epoch_end"] == t.lam != 2.0 and metrics["adv_distance_epoch"] >= 0
     path = checkpoint.save(tmp_path / "drf.pt", t, epoch=1)
     back, _ = checkpoint.load(path)
     assert back.lam == t.lam and list(back.recent) == list(t.recent) and back.epoch == 1
@@ -195,3 +195,113 @@ def test_unknown_names_and_invalid_values_are_clear_errors():
         get_trainable("drf-smoothadv")({"lambda": 1.0}, info)
     with pytest.raises(ValueError, match="mix_step"):
         get_trainable("smoothmix")({"mix_step": 5, "num_steps": 2}, info)
+
+
+# --- each baseline's loss, computed by hand from the released formula on a fixed batch and fixed noise --------
+def _hand_check(name, hparams, mnist, hand, seed=7):
+    """Run one `update` of `name` after torch.manual_seed(seed) and return (reported loss, hand loss), where
+    `hand(net, x, y, sigma)` recomputes the released loss after the same seed with a copy of the pre-update net
+    (so every noise draw is the same one)."""
+    import copy
+
+    info, x, y = mnist
+    x, y = x[:16], y[:16]
+    torch.manual_seed(0)
+    t = get_trainable(name)(hparams, info, epochs=1)
+    t.net.load_state_dict(_trained_net(info, x, y, steps=5).state_dict())
+    net = copy.deepcopy(t.net)
+    torch.manual_seed(seed)
+    reported = t.update(x, y, torch.zeros_like(y))["loss"]
+    torch.manual_seed(seed)
+    return reported, float(hand(net, x, y, t.sigma, t.hparams).detach())
+
+
+def _noises(x, m, sigma):
+    return torch.randn((m, *x.shape)) * sigma
+
+
+def _copies(net, x, noises):
+    return torch.stack([net(x + n) for n in noises])          # [m, B, C]
+
+
+def test_gaussian_loss_is_cohens(mnist):
+    def hand(net, x, y, sigma, h):
+        return F.cross_entropy(net(x + torch.randn_like(x) * sigma), y)
+    reported, expected = _hand_check("gaussian", None, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
+def test_stability_loss_is_the_released_train_stab(mnist):
+    def hand(net, x, y, sigma, h):
+        noise = torch.randn_like(x) * sigma
+        logits, logits_n = net(x), net(x + noise)
+        stab = (-F.softmax(logits, 1) * F.log_softmax(logits_n, 1)).sum(1).mean()   # released _cross_entropy
+        return F.cross_entropy(logits, y) + h["lbd"] * stab
+    reported, expected = _hand_check("stability", None, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
+def test_macer_loss_is_the_released_macer_train(mnist):
+    from torch.distributions import Normal
+
+    def hand(net, x, y, sigma, h):
+        k, beta, gamma, lbd = h["num_noise_vec"], h["beta"], h["gamma"], h["lbd"]
+        out = _copies(net, x, _noises(x, k, sigma)).transpose(0, 1)                 # [B, k, C] as released
+        cl = F.nll_loss(torch.log(F.softmax(out, 2).mean(1) + 1e-10), y, reduction="sum")
+        top = torch.topk(F.softmax(out * beta, 2).mean(1), 2)
+        ok = top[1][:, 0] == y
+        icdf = Normal(0.0, 1.0).icdf
+        out0, out1 = top[0][ok, 0], top[0][ok, 1]
+        r = icdf(out1) - icdf(out0)
+        keep = ~torch.isnan(r) & ~torch.isinf(r) & (r.abs() <= gamma)
+        rob = (icdf(out1[keep]) - icdf(out0[keep]) + gamma).sum() * sigma / 2
+        return (cl + lbd * rob) / len(y)
+    # deferred = 0: the robustness term is on from the first step
+    reported, expected = _hand_check("macer", {"deferred": 0.0, "num_noise_vec": 8}, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-4)
+
+
+def test_smoothadv_loss_is_salmans(mnist):
+    def hand(net, x, y, sigma, h):
+        noises = _noises(x, h["num_noise_vec"], sigma)
+        eps = h["epsilon"]
+        adv = smoothed_pgd(net.eval(), x, y, noises, steps=h["num_steps"], step_size=2 * eps / h["num_steps"], eps=eps)
+        assert l2_distance(adv, x).max() <= eps + 1e-5
+        return -F.log_softmax(_copies(net, adv, noises), -1).gather(-1, y.view(1, -1, 1).expand(len(noises), -1, 1)).mean()
+    reported, expected = _hand_check("smoothadv", {"num_steps": 2, "split_batch": False}, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
+def test_adversarial_consistency_loss_is_jeong_and_shins(mnist):
+    def hand(net, x, y, sigma, h):
+        m = h["num_noise_vec"]
+        noises = _noises(x, m, sigma)
+        eps = h["epsilon"]
+        adv = smoothed_pgd(net.eval(), x, y, noises, steps=h["num_steps"], step_size=2 * eps / h["num_steps"], eps=eps)
+        logits = _copies(net, adv, noises)
+        xent = sum(F.cross_entropy(z, y) for z in logits) / m
+        softmax = [F.softmax(z, 1) for z in logits]
+        avg = sum(softmax) / m
+        kl = sum(F.kl_div(F.log_softmax(z, 1), avg, reduction="none").sum(1) for z in logits) / m
+        ent = -(avg * torch.log(avg.clamp(min=1e-20))).sum(1)
+        return xent + (h["lbd"] * kl + h["eta"] * ent).mean()
+    reported, expected = _hand_check("consistency", {"num_steps": 2, "split_batch": False}, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
+def test_smoothmix_loss_is_the_released_form(mnist):
+    def hand(net, x, y, sigma, h):
+        m, steps = h["num_noise_vec"], h["num_steps"]
+        noises = _noises(x, m, sigma)
+        adv = smoothed_pgd(net.eval(), x, y, noises, steps=steps, step_size=h["alpha"])     # mix_step 0: x̃ = x
+        logits_c = _copies(net, x, noises)
+        xent = F.cross_entropy(logits_c.flatten(0, 1), y.repeat(m))
+        p_bar = F.softmax(logits_c, -1).mean(0)
+        lam = torch.rand(len(y)) / 2
+        x_mix = (1 - lam.view(-1, 1, 1, 1)) * x + lam.view(-1, 1, 1, 1) * adv
+        target = (1 - lam[:, None]) * p_bar + lam[:, None] / 10
+        kl = torch.stack([(target * (target.log() - F.log_softmax(net(x_mix + n), 1))).sum(1) for n in noises])
+        mixup = ((p_bar.argmax(1) == y).float() * kl).mean()
+        return xent + h["eta"] * 1.0 * mixup                                            # w_t = 1 (no warm-up)
+    reported, expected = _hand_check("smoothmix", {"split_batch": False}, mnist, hand)
+    assert reported == pytest.approx(expected, rel=1e-5)

@@ -9,6 +9,8 @@ A trainable owns one network, its optimiser and its loss. The training loop (wri
         for x, y, d in loader:              # x in [0,1] pixel space, y class, d training-domain index
             metrics = t.update(x, y, d)     # one optimisation step -> {"loss": ..., ...}
         metrics = t.end_epoch(epoch)        # schedules, learnt-λ trajectories -> dict of floats
+    t.step_metrics()                        # per-step metrics since the last call: [(global step, {..})]
+    t.write_artifacts(directory)            # extra run files (DRF: lambda_trajectory.png) -> [paths]
     t.certifier()                           # an object with Smooth's certify/predict/certify_many API
     t.state_dict() / t.load_state_dict(sd)  # everything needed to resume (model, optimiser, schedule, λ ...)
 
@@ -18,6 +20,7 @@ training calls forward on, which the orchestrator may replace by a DDP wrapper o
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -63,6 +66,16 @@ class Trainable:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Called after every epoch (learning-rate schedule, learnt-λ trajectory ...)."""
         return {}
+
+    def step_metrics(self) -> list[tuple[int, dict[str, float]]]:
+        """Metrics recorded per optimiser step since the last call, keyed by the GLOBAL step, and cleared
+        (contract C3; default: none). The training loop reports them as report["step_metrics"]."""
+        return []
+
+    def write_artifacts(self, directory: Path) -> list[Path]:
+        """Write extra files of the run (e.g. DRF's lambda_trajectory.png) into `directory`; return their paths
+        (contract C3; default: none). The loop calls it with the final checkpoint directory."""
+        return []
 
     @property
     def sigma(self) -> float:

@@ -28,7 +28,7 @@ SIGMA = HParam(0.25, choices=SIGMAS, check="> 0", doc="noise level in training a
 #: per-dataset departures from the SGD_HPARAMS defaults (the DRF paper's training details): applied beneath
 #: the user's overrides. MNIST uses the declared defaults (lr 0.01).
 RECIPES: dict[str, dict[str, Any]] = {
-    "cifar10": {"lr": 0.1},
+    "cifar10": {"lr": 0.1, "augment": True},
 }
 
 
@@ -49,6 +49,8 @@ SGD_HPARAMS: dict[str, HParam] = {
     "weight_decay": HParam(1e-4, check=">= 0", doc="L2 weight decay"),
     "batch_size": HParam(256, check=">= 1", doc="examples per optimisation step"),
     "arch": HParam("", doc="architecture; '' = the dataset's default (trainables.models.DEFAULT_ARCHITECTURE)"),
+    "augment": HParam(False, choices=(True, False),
+                      doc="random crop (padding 4) + horizontal flip of training batches (CIFAR-10 recipe: on)"),
 }
 
 
@@ -59,6 +61,15 @@ class SgdTrainable(Trainable):
                  device: str | torch.device = "cpu"):
         super().__init__({**RECIPES.get(info.name, {}), **(hparams or {})}, info, epochs, device)
         self.epoch = 0  # finished epochs: the 0-based index of the epoch being trained
+        # crop/flip draws: seeded from the global generator (the loop seeds it), saved with the state
+        self._augment_rng = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The training batch as the recipe augments it (trainables.augment.crop_flip when `augment`)."""
+        if not self.hparams.get("augment"):
+            return x
+        from trainables.augment import crop_flip
+        return crop_flip(x, self._augment_rng)
 
     def build_net(self):
         arch = self.hparams["arch"] or DEFAULT_ARCHITECTURE[self.info.name]
@@ -78,13 +89,16 @@ class SgdTrainable(Trainable):
         return {"lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_dict(self):
-        return {**super().state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch}
+        return {**super().state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "augment_rng": self._augment_rng.get_state()}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state.get("epoch", 0))
+        if "augment_rng" in state:
+            self._augment_rng.set_state(state["augment_rng"])
 
 
 class Gaussian(SgdTrainable):
@@ -96,7 +110,7 @@ class Gaussian(SgdTrainable):
 
     def update(self, x, y, d):
         self.model.train()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.augment(x.to(self.device)), y.to(self.device)
         loss = F.cross_entropy(self.model(x + torch.randn_like(x) * self.sigma), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

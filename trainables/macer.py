@@ -83,7 +83,7 @@ class Macer(SgdTrainable):
 
     def update(self, x, y, d):
         self.model.train()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.augment(x.to(self.device)), y.to(self.device)
         h = self.hparams
         logits = noisy_logits(self.model, x, sample_noises(x, int(h["num_noise_vec"]), self.sigma))
         loss, cls, rob = macer_loss(logits, y, self.sigma, self.lbd_now, float(h["beta"]), float(h["gamma"]))

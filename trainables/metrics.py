@@ -7,6 +7,8 @@ columns `idx label predict radius correct time` (read_tsv's output); extra colum
   `analyze.py`). At r = 0 it is the smoothed classifier's accuracy (abstentions count as wrong).
 - ACR (average certified radius, Zhai et al. 2020): the mean over ALL rows of radius * correct; abstentions
   and wrong predictions count 0.
+- Cohen's TSV (`write_tsv`) is exactly what locuslab/smoothing's `analyze.py` reads; the certification's
+  settings (σ, n0, n, α, model fingerprint, seed) go to a JSON sidecar `<name>.json` beside it.
 - MLflow metric names may not contain '@' (MLflow accepts alphanumerics and _ - . : / space), so certified
   accuracy at r is logged as `certacc_r<r>` (`certacc_key`), e.g. certacc_r0.25.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -104,26 +107,42 @@ def summarize(rows_or_df: Any, radii: Sequence[float], prefix: str = "") -> dict
 
 
 # --- Cohen et al.'s TSV -------------------------------------------------------------------------------------
+def sidecar_path(tsv_path: str | os.PathLike) -> Path:
+    """Where a TSV's metadata lives: `<name>.json` beside `<name>.tsv`."""
+    return Path(tsv_path).with_suffix(".json")
+
+
+def write_sidecar(tsv_path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Write `meta` as the JSON sidecar of `tsv_path` (atomically: a temporary file, then a rename)."""
+    path = sidecar_path(tsv_path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(dict(meta), indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_tsv(rows_or_df: Any, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write Cohen et al.'s TSV: tab-separated `idx label predict radius correct time` (+ any extra columns,
-    e.g. det_radius), one row per example, radius at full float precision, time in seconds (the reference
-    writes a timedelta string; read_tsv reads both). `meta` (e.g. sigma, n0, n, alpha, seed) goes first as
-    comment lines `# key=value`; without `meta`, a DataFrame's `attrs["meta"]` (what read_tsv returns) is
-    written back."""
+    """Write Cohen et al.'s TSV, which their `analyze.py` reads unchanged (`pd.read_csv(path, delimiter="\t")`):
+    the header `idx label predict radius correct time` (+ any extra columns after those six, e.g. GLEAN's
+    det_radius, which analyze.py ignores), tab-separated, one row per example, no comment lines; radius at
+    full float precision, time in seconds (the reference writes a timedelta string; read_tsv reads both).
+    `meta` (σ, n0, n, α, model fingerprint, seed, ...) goes to the JSON sidecar `<name>.json` beside the TSV
+    (`sidecar_path`); without `meta`, a DataFrame's `attrs["meta"]` (what read_tsv returns) is written back.
+    No meta: no sidecar is written (an existing one is left alone)."""
     df = as_frame(rows_or_df)
     if meta is None:
         meta = df.attrs.get("meta", {}) if isinstance(rows_or_df, pd.DataFrame) else {}
-    for k, v in meta.items():
-        if not str(k) or any(ch in str(k) for ch in "=\n\t") or "\n" in str(v):
-            raise ValueError(f"meta key {k!r} / value {v!r} cannot be written as a '# key=value' line")
+    for k in meta:
+        if not isinstance(k, str) or not k:
+            raise ValueError(f"meta key {k!r} must be a non-empty string")
     columns = list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]
     out = df[columns].copy()
     for c in _INT_COLUMNS:
         out[c] = out[c].astype(int)
     path = Path(path)
+    if meta:
+        write_sidecar(path, meta)
     with open(path, "w", newline="") as f:
-        for k, v in meta.items():
-            f.write(f"# {k}={v}\n")
         out.to_csv(f, sep="\t", index=False, float_format=None)
     return path
 
@@ -147,8 +166,9 @@ def _seconds(v: Any) -> float:
 
 def read_tsv(path: str | os.PathLike) -> pd.DataFrame:
     """Read a TSV written by write_tsv (or by Cohen et al.'s certify.py) into a DataFrame: integer idx, label,
-    predict, correct; float radius, time (seconds); extra columns as pandas infers them. The '# key=value'
-    lines are returned in `df.attrs["meta"]` (numbers parsed)."""
+    predict, correct; float radius, time (seconds); extra columns as pandas infers them. The JSON sidecar's
+    contents (`sidecar_path`), when there is one, are returned in `df.attrs["meta"]`; leading '# key=value'
+    lines of TSVs written by earlier versions are still read into it (numbers parsed)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no certification TSV at {path}")
@@ -161,6 +181,8 @@ def read_tsv(path: str | os.PathLike) -> pd.DataFrame:
             skip += 1
             key, _, value = line[1:].strip().partition("=")
             meta[key.strip()] = _parse_value(value.strip())
+    if sidecar_path(path).exists():
+        meta.update(json.loads(sidecar_path(path).read_text()))
     df = pd.read_csv(path, sep="\t", skiprows=skip)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:

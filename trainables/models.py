@@ -1,6 +1,14 @@
 """The model zoo. Every network starts with `Normalize`, so callers add noise in [0,1] pixel space and
 every certified radius is a pixel-space l2 radius.
 
+MNIST differs from the released models here: Cohen's, Salman's and Jeong & Shin's code (on which the DRF paper's
+MNIST rows are trained) uses no normalisation for MNIST (`get_normalize_layer("mnist")` is the identity), while
+our MNIST LeNet starts with Normalize((0.1307,), (0.3081,)). We keep it: a fixed per-channel affine map before a
+convolution is absorbed by that convolution (weights / std, bias shifted), so the function class, the certified
+radii and the input gradients of any given function are unchanged; what differs is SGD's conditioning of the
+first layer (its effective learning rate), so trajectories at the paper's lr 0.01 are not bit-comparable with
+the release. CIFAR-10 matches the release (Cohen et al.'s mean/std layer).
+
 - `lenet`: the Consistency/DRF MNIST LeNet (conv 5x5->20, pool, conv 5x5->50, pool, fc 800->500->10).
 - `resnet110`: Cohen et al.'s CIFAR ResNet (`archs/cifar_resnet.py`, depth 110: 3 stages of 18 basic blocks,
   16/32/64 channels).

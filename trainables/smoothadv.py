@@ -63,7 +63,7 @@ class MultiNoiseTrainable(SgdTrainable):
         self._distance_sum, self._distance_count = 0.0, 0
 
     def update(self, x, y, d):
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.augment(x.to(self.device)), y.to(self.device)
         m = int(self.hparams["num_noise_vec"])
         parts = m if self.hparams["split_batch"] else 1
         chunks = [c for c in zip(torch.tensor_split(x, parts), torch.tensor_split(y, parts)) if len(c[1])]

@@ -33,7 +33,7 @@ class Stability(SgdTrainable):
 
     def update(self, x, y, d):
         self.model.train()
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self.augment(x.to(self.device)), y.to(self.device)
         b = len(x)
         logits = self.model(torch.cat([x, x + torch.randn_like(x) * self.sigma]))  # one pass: clean, noisy
         clean, noisy = logits[:b], logits[b:]
