@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator import tracking
+from orchestrator import cli_common, tracking
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, cluster_cpus_gpus, format_table, init_ray,
                                      load_splits, loop_data, make_selection, parse_sets, run_main)
@@ -65,7 +65,7 @@ RUN_ID_KEY = "mlflow_run_id"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.sweep", allow_abbrev=False,
                                 description="Search hyperparameters (Ray Tune + Optuna) maximising validation ACR, "
                                             "then certify the selected model on the test split.")
     p.add_argument("name", help="search space or trainable (glean, drf, drf-smoothadv, gaussian, ...)")
@@ -332,7 +332,8 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         experiment, experiment_id, parent = state["experiment"], state["experiment_id"], state["parent_run_id"]
         commit = state["git_commit"]
         cl.update_run(parent, status="RUNNING")
-    print(f"sweep {sweep_dir}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})", flush=True)
+    print(f"sweep {sweep_dir}\nMLflow: experiment {experiment!r}, parent run {parent} "
+          f"({mlflow_utils.redact(tracking_uri)})", flush=True)
 
     setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=args.select, seed=args.seed,
                        workers=args.workers, use_gpu=use_gpu, tracking_uri=tracking_uri,
@@ -383,6 +384,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     except BaseException as exc:
         from orchestrator.train_loop import describe_exception
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        mlflow_utils.close_running_children(cl, experiment_id, parent, status)   # C7: none left RUNNING
         mlflow_utils.close_run(cl, parent, status, describe_exception(exc))
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")

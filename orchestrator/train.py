@@ -27,14 +27,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator import tracking
+from orchestrator import cli_common, tracking
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, init_ray, load_splits, loop_data,
                                      make_selection, parse_sets, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.train", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.train", allow_abbrev=False,
                                 description="Train one configuration, certify it on the test split, log to MLflow.")
     p.add_argument("name", help="registered trainable (glean, gaussian, drf-smoothadv, ...)")
     p.add_argument("--dataset", help="dataset (default: the trainable's DEFAULT_DATASET)")
