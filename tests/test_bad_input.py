@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import socket
 from pathlib import Path
@@ -65,9 +66,8 @@ def assets(tmp_path_factory):
     mlflow_utils.close_run(cl, run_id, "FINISHED")
     torch.manual_seed(0)
     checkpoint.save(root / "model.pt", Gaussian({}, MNIST_INFO, epochs=1), epoch=1)
-    (root / "garbage.pt").write_bytes(os.urandom(4096))
-    with open(root / "evil.pt", "wb") as f:
-        pickle.dump({"format": checkpoint.FORMAT, "x": Evil(str(root / "PWNED"))}, f)
+    (root / "garbage.pt").write_bytes(random.Random(0).randbytes(4096))
+    torch.save({"format": checkpoint.FORMAT, "x": Evil(str(root / "PWNED"))}, root / "evil.pt")
     return root, run_id
 
 
@@ -248,17 +248,21 @@ def test_every_trainable_checkpoint_loads_with_weights_only(tmp_path):
 def test_a_malicious_pickle_is_refused_and_never_executed(assets, tmp_path):
     root, _ = assets
     target = tmp_path / "PWNED"
-    with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"format": checkpoint.FORMAT, "x": Evil(str(target))}, f)
-    torch.save({"format": checkpoint.FORMAT, "x": Evil(str(target))}, tmp_path / "evil2.pt")
-    for path in (tmp_path / "evil.pt", tmp_path / "evil2.pt"):
-        with pytest.raises(checkpoint.CheckpointError, match="allow-list"):
-            checkpoint.read(path)
+    for protocol in (2, 4):           # a crafted torch file, and plain pickles
+        with open(tmp_path / f"evil{protocol}.pt", "wb") as f:
+            pickle.dump({"format": checkpoint.FORMAT, "x": Evil(str(target))}, f, protocol=protocol)
+    torch.save({"format": checkpoint.FORMAT, "x": Evil(str(target))}, tmp_path / "evil.pt")
+    for name, match in [("evil.pt", "allow-list .posix.system"), ("evil2.pt", "allow-list"),
+                        ("evil4.pt", "not a readable checkpoint")]:
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            checkpoint.read(tmp_path / name)
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load(tmp_path / name)
     assert not target.exists()
 
 
-def test_credentials_are_redacted_in_what_is_logged_and_printed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_credentials_are_redacted_in_what_is_logged_and_printed(ws):
+    uri = S.format(ws=ws[0])
     cl = mlflow_utils.client(uri)
     run_id = mlflow_utils.create_run(cl, mlflow_utils.ensure_experiment(cl, "x", uri), "r",
                                      {"server": "https://bob:hunter2@mlflow.example.org"})

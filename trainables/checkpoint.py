@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,13 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} refers to code outside the checkpoint format's allow-list "
-                              f"({' '.join(str(exc).split())[:300]}); it was not loaded: it may be malicious "
-                              "or written by another tool") from None
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path} names code outside the checkpoint format's allow-list "
+                                  f"({found.group(1) or found.group(2)}); it was not loaded: it may be malicious "
+                                  "or written by another tool") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError); it may be truncated or "
+                              "corrupt: retrain or use another checkpoint") from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
                               "it may be truncated or corrupt: retrain or use another checkpoint") from None
