@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from orchestrator import cli_common, tracking
-from orchestrator.cli_common import check_reachable, run_main
+from orchestrator.cli_common import check_reachable, install_signal_handlers, run_main
 from orchestrator.pool import CertifyInputError, certify_with_pool, check_out_dir, check_resume, \
     examples_sha256, load_model, model_fingerprint, read_manifest, validate_settings
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0
@@ -247,8 +247,9 @@ def _init_ray(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:       # ray.shutdown() then only disconnects this driver from the cluster
         ray.init(address=address, configure_logging=False, log_to_driver=False)
-        return True
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     return True
 
 

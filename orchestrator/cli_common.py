@@ -69,6 +69,18 @@ def _on_signal(signum: int, frame) -> None:
 
 
 _prog = "orchestrator"
+_running = False          # inside run_main: only then are the handlers ours to install
+
+
+def install_signal_handlers() -> dict:
+    """Install C7's SIGTERM/SIGINT handler (main thread only); returns the handlers it replaced. Call it again
+    after `ray.init`: Ray's core worker installs its own SIGTERM handler in the driver (it prints a stack and
+    aborts), which would otherwise skip the clean-up. A no-op outside `run_main` (a library caller, a test)."""
+    previous = {}
+    if _running and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+    return previous
 
 
 def _one_line(exc: BaseException) -> str:
@@ -83,13 +95,11 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     KILLED and shuts Ray down on the way out); then one line on stderr and exit code 143 (SIGTERM) / 130
     (SIGINT). A second signal exits at once. Handlers are installed only in the main thread and restored after.
     """
-    global received_signal, _prog
+    global received_signal, _prog, _running
     _prog = prog or (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "orchestrator")
     received_signal = None
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, _on_signal)
+    outer, _running = _running, True
+    previous = install_signal_handlers()
     try:
         code = main(argv)
         if received_signal is not None:   # a library (Tune) ended the work gracefully; main said how
@@ -100,10 +110,11 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 2
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None) or received_signal or signal.SIGINT
-        print(f"{prog or 'orchestrator'}: interrupted by {signal.Signals(signum).name}: stopped; runs marked "
-              "KILLED", file=sys.stderr)
+        print(f"{_prog}: interrupted by {signal.Signals(signum).name}: stopped (MLflow runs marked KILLED, Ray "
+              f"shut down, finished work kept); exit code {128 + signum}", file=sys.stderr)
         return 128 + signum
     finally:
+        _running = outer
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -216,6 +227,7 @@ def init_ray(address: str | None) -> bool:
         ray.init(address=address, configure_logging=True, logging_level=logging.WARNING)
     except ConnectionError as exc:
         raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
+    install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     return True
 
 

@@ -137,7 +137,7 @@ def _probe_http(uri: str, shown: str, timeout: float) -> None:
         return          # the server answered (401/403/404 behind a proxy still means it is there)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise _usage(f"the MLflow tracking server at {shown} did not answer within {timeout:g} s ({reason}); "
+        raise _usage(f"the MLflow tracking server at {shown} did not answer ({reason}; time-out {timeout:g} s); "
                      "start it or fix --tracking-uri / $MLFLOW_TRACKING_URI") from None
 
 

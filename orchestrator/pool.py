@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
-from orchestrator.cli_common import UsageError
+from orchestrator.cli_common import UsageError, install_signal_handlers
 from trainables import checkpoint
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, min_certify_n
 
@@ -58,6 +58,8 @@ DATA_COMPARED = ("dataset", "split", "recipe", "source", "examples_sha256", "num
 #: default work per shard, in noise samples: 1e6 is about a minute of LeNet on one CPU core (seconds on a
 #: GPU), so a killed driver or actor loses little while the per-shard overhead (milliseconds) stays small.
 SAMPLES_PER_SHARD = 1_000_000
+#: bytes per chunk of the checkpoint sent to an actor (below Ray's 100 KiB inlining threshold)
+MODEL_CHUNK = 64 << 10
 
 
 class CertifyInputError(UsageError, ValueError):
@@ -154,10 +156,8 @@ class CertifyWorker:
     """One Ray actor: loads the model once, then certifies shards with `trainable.certifier().certify_many`
     (GLEAN's latent certifier and the input-space Smooth alike)."""
 
-    def __init__(self, model_bytes: bytes | list, threads: int, device: str):
-        if isinstance(model_bytes, list):   # [ObjectRef]: see _run_pool
-            import ray
-            model_bytes = ray.get(model_bytes[0])
+    def __init__(self, model_bytes: bytes, threads: int, device: str, *more_bytes: bytes):
+        model_bytes = b"".join((model_bytes, *more_bytes))      # the checkpoint in chunks: see _run_pool
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
@@ -408,6 +408,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     import ray
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
+        install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     resources = actor_resources(actors)
     settings = {"split": split, "device": resources[3], "n0": int(n0), "n": int(n), "alpha": float(alpha),
                 "batch": int(batch), "seed": int(seed), "shard_size": int(shard_size),
@@ -477,11 +478,12 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
     num_actors, options, threads, device = resources
     num_actors = min(num_actors, len(todo))   # no actor would get a shard
     remote_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(CertifyWorker)
-    model_ref = ray.put(model_bytes)
-    # the model travels as a nested reference ([ref]): a restartable actor whose constructor argument is itself
-    # in the object store makes Ray log an alarming "actor restart will fail" error on every run, although this
-    # driver keeps model_ref alive for the pool's whole life (so a restart does find it)
-    pool = tuple(remote_cls.options(**options, runtime_env={"env_vars": ACTOR_ENV}).remote([model_ref], threads, device)
+    # The checkpoint travels inside the actor's creation task, as chunks small enough to be inlined (Ray puts an
+    # argument above 100 KiB in the object store, and then logs an alarming "actor restart will fail" error for
+    # every restartable actor; inlined, a restart finds its arguments in the task spec at the GCS).
+    chunks = [model_bytes[i:i + MODEL_CHUNK] for i in range(0, len(model_bytes), MODEL_CHUNK)] or [b""]
+    pool = tuple(remote_cls.options(**options, runtime_env={"env_vars": ACTOR_ENV})
+                 .remote(chunks[0], threads, device, *chunks[1:])
                  for _ in range(num_actors))
     done_examples = sum(len(s) for s in shards) - sum(len(shards[k]) for k in todo)
     bar = tqdm(total=sum(len(s) for s in shards), initial=done_examples, unit="img", desc=f"certify {split}",

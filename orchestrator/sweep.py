@@ -366,6 +366,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                    failure_config=tune.FailureConfig(max_failures=0), verbose=1))
         grid = tuner.fit()
+        cli_common.install_signal_handlers()   # Tune leaves its SIGINT handler behind (C7)
         if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
             for run in mlflow_utils.trial_runs(cl, experiment_id, parent).values():
                 if run.info.status == "RUNNING":
