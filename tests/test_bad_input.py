@@ -275,3 +275,30 @@ def test_credentials_are_redacted_in_what_is_logged_and_printed(ws):
     assert "***@db:5432" in logged
     assert "hunter2" not in mlflow_utils.ui_command("http://bob:hunter2@host:5000")
     assert "--host 127.0.0.1" in mlflow_utils.ui_command(uri)      # the MLflow UI we suggest binds locally
+
+
+def test_a_diverging_run_stops_as_failed_naming_epoch_and_step(ws, monkeypatch):
+    """A run whose loss becomes non-finite stops at once, FAILED, saying where (it must not train on and log a
+    model with NaN weights as FINISHED). Injected fault: the network's first weight becomes NaN before the
+    third optimiser step, as after a divergence (lr=1e30 alone only kills LeNet's ReLUs: a finite loss)."""
+    from trainables.gaussian import Gaussian
+
+    folder, _ = ws
+    uri = S.format(ws=folder)
+    original, calls = Gaussian.update, []
+
+    def update(self, x, y, d):
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(self.net.parameters()).fill_(float("nan"))
+        return original(self, x, y, d)
+
+    monkeypatch.setattr(Gaussian, "update", update)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 1, step 3"):
+        train.main(["gaussian", "--budget", "smoke", "--set", "batch_size=16", "--tracking-uri", uri])
+    cl = mlflow_utils.client(uri)
+    [run] = [r for r in cl.search_runs([e.experiment_id for e in cl.search_experiments()])
+             if r.data.tags.get("trainable") == "gaussian"]
+    assert run.info.status == "FAILED"
+    assert "epoch 1, step 3" in run.data.tags["error"]
