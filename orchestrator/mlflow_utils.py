@@ -55,7 +55,7 @@ def resolve_tracking_uri(uri: str | None = None, *, create: bool = True, probe: 
 def redact(text: str) -> str:
     """`text` with credentials removed: the `user:password@` of a URI and the values of token/secret/password/
     key/signature query parameters. Everything the tool prints or logs about a URI goes through this."""
-    text = re.sub(r"(?<=://)[^/@\s]+@", "***@", str(text))
+    text = re.sub(r"(?<=://)[^/\s]*@", "***@", str(text))      # up to the last @ of the authority
     return re.sub(r"(?i)([?&;](?:[a-z_-]*(?:token|secret|password|passwd|key|signature|credential)[a-z_-]*)=)"
                   r"[^&;\s]+", r"\1***", text)
 
@@ -103,7 +103,7 @@ def check_tracking_uri(uri: str, *, create: bool = True, timeout: float | None =
 
 
 def _check_local_store(path: Path, shown: str, create: bool, is_dir: bool) -> None:
-    folder = path if is_dir else path.parent
+    folder = path.parent          # the store itself (an sqlite file, a file-store folder) may be created
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and existing != path and not existing.is_dir():
         raise _usage(f"--tracking-uri {shown}: {existing} is a file, not a folder")
@@ -114,8 +114,9 @@ def _check_local_store(path: Path, shown: str, create: bool, is_dir: bool) -> No
         return
     if not folder.is_dir():
         raise _usage(f"--tracking-uri {shown}: the folder {folder} does not exist (mistyped?); create it first")
-    if path.exists() and not is_dir and path.is_dir():
-        raise _usage(f"--tracking-uri {shown}: {path} is a folder, not an sqlite file")
+    if path.exists() and path.is_dir() != is_dir:
+        raise _usage(f"--tracking-uri {shown}: {path} is a {'folder' if path.is_dir() else 'file'}, not "
+                     f"{'a file store folder' if is_dir else 'an sqlite file'}")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise _usage(f"--tracking-uri {shown}: {path if path.exists() else folder} is not writable "
                      "(read-only filesystem or permissions); choose a writable store")
