@@ -52,9 +52,10 @@ MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = "smoothing-orchestrator/certify-manifest/1"
 LOCK_FILE = ".lock"
-#: the data provenance a resume must match (manifest["data"]); "root" (where the files were) is recorded but
-#: not compared: the same data moved to another folder or node is the same data, and examples_sha256 says so
-DATA_COMPARED = ("dataset", "split", "recipe", "source", "examples_sha256", "num_examples")
+#: the data provenance a resume must match (manifest["data"]). "root" and "source" (where the files were, which
+#: loader read them) are recorded but not compared: the same examples moved to another folder or node are the
+#: same data, and examples_sha256 (their content) says whether they are
+DATA_COMPARED = ("dataset", "split", "recipe", "examples_sha256", "num_examples")
 #: default work per shard, in noise samples: 1e6 is about a minute of LeNet on one CPU core (seconds on a
 #: GPU), so a killed driver or actor loses little while the per-shard overhead (milliseconds) stays small.
 SAMPLES_PER_SHARD = 1_000_000
