@@ -302,3 +302,62 @@ def test_a_diverging_run_stops_as_failed_naming_epoch_and_step(ws, monkeypatch):
              if r.data.tags.get("trainable") == "gaussian"]
     assert run.info.status == "FAILED"
     assert "epoch 1, step 3" in run.data.tags["error"]
+
+
+# --- certify: provenance and lock (real Ray, in this process) -------------------------------------------------
+def _write_mnist(root: Path, test_images: "np.ndarray", test_labels: "np.ndarray") -> Path:
+    """A data root holding MNIST's four IDX files (real format, small synthetic content: 5,100 training
+    images, so that the last 5,000 form the validation split)."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x = rng.integers(0, 256, (5100, 28, 28), dtype=np.uint8)
+    train_y = rng.integers(0, 10, 5100).astype(np.uint8)
+
+    def idx(path: Path, array: "np.ndarray", magic: int) -> None:
+        header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+    idx(raw / "train-images-idx3-ubyte", train_x, 0x803)
+    idx(raw / "train-labels-idx1-ubyte", train_y, 0x801)
+    idx(raw / "t10k-images-idx3-ubyte", test_images, 0x803)
+    idx(raw / "t10k-labels-idx1-ubyte", test_labels, 0x801)
+    return root
+
+
+def test_certify_resume_refuses_other_data_and_a_locked_out(assets, tmp_path, capsys):
+    """Issue 15's first defect: `--resume --out OUT --data-root ALT` (valid MNIST, test order reversed) used to
+    reuse every shard. Now the manifest records the data's provenance and the resume is refused, one line
+    listing the difference; the same data resumes; a second certification on a locked OUT is refused."""
+    import numpy as np
+
+    from orchestrator.pool import exclusive_lock
+
+    rng = np.random.default_rng(1)
+    test_x, test_y = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), rng.integers(0, 10, 20).astype(np.uint8)
+    data = _write_mnist(tmp_path / "R", test_x, test_y)
+    alt = _write_mnist(tmp_path / "ALT", test_x[::-1], test_y[::-1])
+    out = tmp_path / "OUT"
+    settings = ["--n0", "10", "--n", "100", "--alpha", "0.1", "--batch", "100", "--max", "6", "--shard-size", "2",
+                "--actors", "1", "--no-progress"]
+    assert certify.main(["--checkpoint", str(assets[0] / "model.pt"), "--data-root", str(data), "--out", str(out),
+                         *settings]) == 0
+    manifest = (out / "manifest.json").read_text()
+    assert '"examples_sha256"' in manifest and '"recipe"' in manifest
+    before = snapshot(out)
+    capsys.readouterr()
+
+    assert certify.main(["--resume", "--out", str(out), "--data-root", str(alt), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other data" in err[0] and "examples_sha256" in err[0], err
+    assert snapshot(out) == before
+
+    with exclusive_lock(out):
+        assert certify.main(["--resume", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use by another certification" in err[0], err
+
+    assert certify.main(["--resume", "--out", str(out), "--no-progress"]) == 0
+    assert "computed 0 shards, reused 3" in capsys.readouterr().out
