@@ -24,9 +24,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from orchestrator import defaults, tracking
-from orchestrator.pool import CertifyInputError, certify_with_pool, load_model, model_fingerprint, \
-    read_manifest, validate_settings
+from orchestrator import cli_common, defaults, tracking
+from orchestrator.cli_common import check_reachable, install_signal_handlers, run_main
+from orchestrator.pool import CertifyInputError, certify_with_pool, check_out_dir, check_resume, \
+    examples_sha256, load_model, model_fingerprint, read_manifest, validate_settings
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0
 
 DEFAULT_OUT_ROOT = "certify-out"
@@ -34,7 +35,7 @@ SPLITS = ("train", "val", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.certify", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.certify", allow_abbrev=False,
                                 description="Certify a trained model (randomized smoothing) on a pool of Ray "
                                             "actors.")
     src = p.add_mutually_exclusive_group()
@@ -85,10 +86,11 @@ def fetch_checkpoint(run_id: str, tracking_uri: str, dst: str) -> str:
 
 
 def load_split(blob: dict, split: str, data_root: str | None, run_params: dict[str, str]):
-    """The dataset split the model is certified on, loaded as in training: the dataset options recorded in the
-    checkpoint (e.g. domainnet's test_domain) and, for a run with a budget param, the budget's subsets.
-    Warns (stderr) when the data source differs from the one the model was trained on."""
-    from trainables.data import load_dataset
+    """(the dataset split the model is certified on, its provenance for the manifest), loaded as in training:
+    the dataset options recorded in the checkpoint (e.g. domainnet's test_domain) and, for a run with a budget
+    param, the budget's subsets. Warns (stderr) when the data source differs from the one the model was
+    trained on."""
+    from trainables.data import load_dataset, resolve_root
 
     info = blob["info"]
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in info.get("options") or ()}
@@ -105,9 +107,14 @@ def load_split(blob: dict, split: str, data_root: str | None, run_params: dict[s
                                 f"{exc}") from None
     trained_on, here = str(info.get("source", "")).split(" (")[0], splits.info.source.split(" (")[0]
     if trained_on and trained_on != here:
+        hint = ("check that --data-root holds the data the model was trained on" if data_root else
+                "pass --data-root DIR with the data it was trained on to certify on the same data")
         print(f"certify: warning: the model was trained on {trained_on!r} but the {split} split comes from "
-              f"{here!r}; pass --data-root to certify on the same data", file=sys.stderr)
-    return getattr(splits, split)
+              f"{here!r}; {hint}", file=sys.stderr)
+    root = str(resolve_root(data_root)[0]) if data_root or os.environ.get("SMOOTHING_DATA_ROOT") else ""
+    identity = {"dataset": info["name"], "split": split, "source": here, "root": root,
+                "recipe": json.loads(json.dumps(kwargs, sort_keys=True, default=str))}
+    return getattr(splits, split), identity
 
 
 def _settings_hash(settings: dict) -> str:
@@ -161,10 +168,19 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         raise CertifyInputError(f"--skip must be >= 1, got {skip}")
     if args.max is not None and args.max < 1:
         raise CertifyInputError(f"--max must be >= 1, got {args.max}")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise CertifyInputError(f"--shard-size must be >= 1, got {args.shard_size} (omit it for the default)")
+    if args.actors is not None and args.actors < 1:
+        raise CertifyInputError(f"--actors must be >= 1, got {args.actors}")
+    check_out_dir(args.out or Path(DEFAULT_OUT_ROOT) / "new")   # default: certify-out/ must be creatable
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:                       # ray.init retries an unreachable address for minutes: fail fast
+        check_reachable(address)
 
     from orchestrator import mlflow_utils
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri) if args.run_id else None
+    # read-only use of the store: it must exist (nothing is created), and it is probed with a time-out
+    tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri, create=False) if args.run_id else None
     with tempfile.TemporaryDirectory() as tmp:
         run_params: dict[str, str] = {}
         if args.run_id:
@@ -175,8 +191,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         trainable, _ = load_model(ckpt)
         from trainables.checkpoint import read
         blob = read(ckpt)
-        data = load_split(blob, split, args.data_root, run_params)
+        data, identity = load_split(blob, split, args.data_root, run_params)
         stop = len(data) if args.max is None else min(args.max, len(data))
+        if skip >= stop > 1:
+            raise CertifyInputError(f"--skip {skip} is beyond the {stop} examples of {split} in range (--max "
+                                    f"{args.max}): only example 0 would be certified; use a smaller --skip")
         indices = list(range(0, stop, skip))
         fingerprint = model_fingerprint(trainable)
         settings = {"split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed,
@@ -184,6 +203,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         default_out = (defaults.default_output_dir(DEFAULT_OUT_ROOT)
                        / f"{split}-{fingerprint[:12]}-{_settings_hash(settings)}")
         out = Path(args.out or default_out)
+        check_out_dir(out)
+        identity["examples_sha256"] = examples_sha256(data, indices)
+        check_resume(out, fingerprint, {**identity, "num_examples": len(indices)})   # before Ray starts
         source = f"run {args.run_id}" if args.run_id else str(Path(args.checkpoint).resolve())
         # the arguments, so that `--resume --out DIR` alone finds the model and settings again
         cli = {"run_id": args.run_id, "checkpoint": args.checkpoint and str(Path(args.checkpoint).resolve()),
@@ -195,7 +217,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             df = certify_with_pool(trainable, data, indices, out_dir=out, split=split, n0=n0, n=n,
                                    alpha=alpha, batch=batch, seed=seed, actors=args.actors, resume=True,
                                    progress=not args.no_progress, shard_size=args.shard_size, source=source,
-                                   extra={"cli": cli})
+                                   extra={"cli": cli}, data_identity=identity)
         finally:
             if started:
                 import ray
@@ -209,12 +231,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
           f"α={alpha}): "
           f"computed {df.attrs['shards_computed']} shards, reused {df.attrs['shards_reused']}; "
           f"TSV {df.attrs['tsv']}")
+    print(f"  data: {identity['source']}, examples sha256 {identity['examples_sha256'][:16]}")
     print("  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     if args.run_id:
         log_to_run(tracking_uri, args.run_id, df, split, dataset,
                    {"sigma": trainable.sigma, **settings, "fingerprint": fingerprint},
                    title=f"{trainable.NAME} σ={trainable.sigma:g}")
-        print(f"  logged to MLflow run {args.run_id} ({tracking_uri})")
+        print(f"  logged to MLflow run {args.run_id} ({mlflow_utils.redact(tracking_uri)})")
     return df
 
 
@@ -226,21 +249,23 @@ def _init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:       # ray.shutdown() then only disconnects this driver from the cluster
         ray.init(address=address, configure_logging=False, log_to_driver=False)
-        return False
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CertifyInputError as exc:
-        print(f"certify: error: {' '.join(str(exc).split())}", file=sys.stderr)   # one line, always
-        return 2
+def _main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bad input (CertifyInputError, a UsageError): one line on stderr, exit code 2; SIGTERM/SIGINT: the
+    finished shards stay (rerun with --resume), Ray is shut down, exit code 143/130 (cli_common.run_main)."""
+    return run_main(_main, argv, prog="certify")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,15 @@ written (the commands check names, ranges, data and the cluster address before t
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import signal
+import socket
 import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,12 +27,92 @@ class UsageError(Exception):
     """Bad input: reported as one line and exit code 2."""
 
 
-def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError: one line (not usage + error) and exit code 2 via run_main."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived (C7). A KeyboardInterrupt, so every `except BaseException` path that marks an
+    MLflow run KILLED and every `finally` that shuts Ray down runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+#: the first SIGTERM/SIGINT `run_main` saw (None: none); the exit code is 128 + it
+received_signal: int | None = None
+
+
+def _on_signal(signum: int, frame) -> None:
+    """First signal: raise Interrupted in the main thread, or, when a library has installed its own graceful
+    SIGINT handler meanwhile (Ray Tune saves the experiment state on SIGINT so that --resume works), let that
+    handler end the work. Second signal: exit at once."""
+    global received_signal
+    name = signal.Signals(signum).name
+    if received_signal is not None:
+        print(f"{_prog}: {name} again: exiting at once (runs may be left RUNNING)", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    received_signal = signum
+    current = signal.getsignal(signal.SIGINT)
+    if signum == signal.SIGTERM and callable(current) and current is not _on_signal:
+        current(signal.SIGINT, frame)       # e.g. Tune's handler: stop the trials, save state, return
+        return
+    raise Interrupted(signum)
+
+
+_prog = "orchestrator"
+_running = False          # inside run_main: only then are the handlers ours to install
+
+
+def install_signal_handlers() -> dict:
+    """Install C7's SIGTERM/SIGINT handler (main thread only); returns the handlers it replaced. Call it again
+    after `ray.init`: Ray's core worker installs its own SIGTERM handler in the driver (it prints a stack and
+    aborts), which would otherwise skip the clean-up. A no-op outside `run_main` (a library caller, a test)."""
+    previous = {}
+    if _running and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+    return previous
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
+             prog: str | None = None) -> int:
+    """Run a command's `main(argv)`: bad input (UsageError) -> one line on stderr, exit code 2.
+
+    C7 signals: SIGTERM and SIGINT raise `Interrupted` (a KeyboardInterrupt: the command marks its MLflow run
+    KILLED and shuts Ray down on the way out); then one line on stderr and exit code 143 (SIGTERM) / 130
+    (SIGINT). A second signal exits at once. Handlers are installed only in the main thread and restored after.
+    """
+    global received_signal, _prog, _running
+    _prog = prog or (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "orchestrator")
+    received_signal = None
+    outer, _running = _running, True
+    previous = install_signal_handlers()
     try:
-        return main(argv)
+        code = main(argv)
+        if received_signal is not None:   # a library (Tune) ended the work gracefully; main said how
+            return 128 + received_signal
+        return code
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prog + ': ' if prog else ''}error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None) or received_signal or signal.SIGINT
+        print(f"{_prog}: interrupted by {signal.Signals(signum).name}: stopped (MLflow runs marked KILLED, Ray "
+              f"shut down, finished work kept); exit code {128 + signum}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        _running = outer
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_sets(items: Sequence[str] | None, flag: str = "--set") -> dict[str, str]:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from orchestrator.cli_common import UsageError
+from orchestrator.cli_common import UsageError, install_signal_handlers
 
 #: seconds the pre-flight waits for the storage and for each node's check
 PREFLIGHT_TIMEOUT_S = float(os.environ.get("ORCHESTRATOR_PREFLIGHT_TIMEOUT_S", "60"))
@@ -61,6 +61,7 @@ def connect(address: str | None) -> bool:
         ray.init(address=address, configure_logging=True, logging_level=logging.WARNING, **local)
     except ConnectionError as exc:
         raise UsageError(f"cannot connect to Ray at {address}: {exc}") from None
+    install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     return True
 
 

@@ -3,7 +3,7 @@
     python -m orchestrator.compare [--experiment NAME ...] [--runs ID ...] [--sigma S] [--radii 0,0.25,...]
         [--split test] [--out DIR] [--tracking-uri URI] [--no-log]
 
-Reads the runs (`mlflow.search_runs` -> pandas) and their certification TSVs (tracking.cert_tsv_artifact),
+Reads the runs (`MlflowClient.search_runs` -> pandas) and their certification TSVs (tracking.cert_tsv_artifact),
 and recomputes every number from the TSVs with trainables.metrics.summarize (never from logged metrics, so the
 table cannot disagree with the rows it summarises). Writes to --out (default compare-out/):
   table.csv   one row per (dataset, trainable, model source, sigma, configuration): certified accuracy at each
@@ -20,11 +20,16 @@ and logs all of it as artifacts of a new run (tag role=compare) in the experimen
 Bad input (unknown or empty experiment, unknown run id, runs without certification): one line on stderr,
 exit code 2.
 
-Rows. A sweep's selected trial ("sweep-selected") and a run of `orchestrator.train` ("fixed config") are
-different ways of obtaining a model and are never averaged together. Fixed-config runs of one trainable and
-sigma whose parameters differ (other than the seed) are different configurations: separate rows, told apart by
-a "configuration" column listing the differing parameters. Runs that differ only in their seed are one row:
-mean ± sample standard deviation (ddof=1) over them.
+Rows: like with like only. Runs are averaged into one row only when trainable, dataset, σ, how the model was
+obtained (a sweep's selected trial, "sweep-selected", or a run of `orchestrator.train`, "fixed config"),
+budget, selection protocol, split, the certified examples (the set of example indices in the TSV) and the
+certification settings n0, n and α all match, and (fixed-config runs) their parameters other than the seed do.
+Anything else is its own row, and its "configuration" column names what differs from the other rows of the
+same trainable and σ (e.g. "n=1000" vs "n=100000", "selection=oracle"). Runs that differ only in their seed
+are one row: mean ± sample standard deviation (ddof=1) over them.
+
+MLflow is read and written through an `MlflowClient` for the given store (never MLflow's global state), and the
+store must exist: compare never creates one.
 """
 from __future__ import annotations
 
@@ -39,16 +44,19 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from orchestrator import defaults, mlflow_utils, tracking
+from orchestrator import cli_common, defaults, mlflow_utils, tracking
+from orchestrator.cli_common import UsageError, run_main
 
 COMPARE_EXPERIMENT = "compare"
 DEFAULT_OUT = "compare-out"
 #: run params that do not define a configuration: runs differing only in these are seeds of one configuration
 NOT_CONFIG = frozenset({"seed", "data_source", "workers", "git_commit"})
+#: what must match, besides dataset / trainable / source / sigma, for runs to share a row (issue 15)
+SETTING_KEYS = ("budget", "selection", "split", "examples", "n0", "n", "alpha")
 SOURCE_LABEL = {"sweep": "sweep-selected", "train": "fixed config"}
 
 
-class CompareInputError(ValueError):
+class CompareInputError(UsageError, ValueError):
     """Bad input: the CLI prints it on one line and exits with code 2."""
 
 
@@ -65,13 +73,14 @@ class CertifiedRun:
     rows: pd.DataFrame
     tags: dict[str, str] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)   # SETTING_KEYS -> value ("?" when not recorded)
 
     def get(self, key: str, default: str = "") -> str:
         return self.tags.get(key) or self.params.get(key) or default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.compare", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.compare", allow_abbrev=False,
                                 description="Tables and plots of certified accuracy from MLflow runs.")
     p.add_argument("--experiment", nargs="+", action="extend", default=[], metavar="NAME",
                    help="MLflow experiment(s) whose certified runs to compare (default: all experiments)")
@@ -100,35 +109,56 @@ def parse_radii(text: str) -> tuple[float, ...]:
 
 
 # --- reading MLflow -----------------------------------------------------------------------------------------
+def _search(client, experiment_ids: Sequence[str], filter_string: str = "") -> list:
+    """Every run of the experiments matching `filter_string` (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(list(experiment_ids), filter_string=filter_string, max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _frame(runs: Sequence) -> pd.DataFrame:
+    """Runs as rows with run_id, experiment_id, status, tags.<k> and params.<k> columns."""
+    return pd.DataFrame.from_records([
+        {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,
+         **{f"tags.{k}": v for k, v in r.data.tags.items()}, **{f"params.{k}": v for k, v in r.data.params.items()}}
+        for r in runs], columns=None if runs else ["run_id", "experiment_id", "status"])
+
+
 def find_runs(client, experiments: Sequence[str], run_ids: Sequence[str]) -> pd.DataFrame:
-    """The candidate runs as `mlflow.search_runs` rows; CompareInputError for unknown names/ids or no runs."""
-    import mlflow
+    """The candidate runs (one row each); CompareInputError for unknown names/ids or no runs."""
     from mlflow.exceptions import MlflowException
 
-    frames = []
+    found: list = []
+    ids = []
     for name in experiments:
-        if client.get_experiment_by_name(name) is None:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
             known = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CompareInputError(f"unknown experiment {name!r} (experiments: {known})")
+        ids.append(exp.experiment_id)
     if experiments:
-        runs = mlflow.search_runs(experiment_names=list(experiments), output_format="pandas")
-        if runs.empty:
+        runs = _search(client, ids)
+        if not runs:
             raise CompareInputError(f"experiment(s) {', '.join(experiments)} hold no runs; train and certify "
                                     "first (python -m orchestrator.train / sweep / certify)")
-        frames.append(runs)
+        found += runs
     for run_id in run_ids:
         try:
-            client.get_run(run_id)
+            found.append(client.get_run(run_id))
         except MlflowException:
-            raise CompareInputError(f"unknown run id {run_id!r} in {client.tracking_uri}") from None
-        frames.append(mlflow.search_runs(search_all_experiments=True, output_format="pandas",
-                                         filter_string=f"attributes.run_id = '{run_id}'"))
-    if not frames:
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="pandas")
-        if runs.empty:
-            raise CompareInputError(f"no runs in {client.tracking_uri}; give --tracking-uri or train first")
-        frames.append(runs)
-    runs = pd.concat(frames, ignore_index=True).drop_duplicates("run_id")
+            raise CompareInputError(f"unknown run id {run_id!r} in "
+                                    f"{mlflow_utils.redact(client.tracking_uri)}") from None
+    if not experiments and not run_ids:
+        found = _search(client, [e.experiment_id for e in client.search_experiments()])
+        if not found:
+            raise CompareInputError(f"no runs in {mlflow_utils.redact(client.tracking_uri)}; give "
+                                    "--tracking-uri or train first")
+    runs = _frame(found).drop_duplicates("run_id")
     if f"tags.{tracking.TAG_ROLE}" in runs:
         runs = runs[runs[f"tags.{tracking.TAG_ROLE}"].fillna("") != "compare"]
     return runs.reset_index(drop=True)
@@ -156,13 +186,15 @@ def load_certified(client, runs: pd.DataFrame, split: str,
                 continue
             local = client.download_artifacts(run_id, tsv_name, dst_path=str(Path(tmp) / run_id))
             tags, params = _columns(row, "tags."), _columns(row, "params.")
-            out.append(CertifiedRun(
+            c = CertifiedRun(
                 run_id=run_id, experiment_id=str(row["experiment_id"]),
                 source="sweep" if tags.get(tracking.TAG_ROLE) == "trial" else "train",
                 trainable=tags.get(tracking.TAG_TRAINABLE) or params.get("trainable") or "?",
                 dataset=tags.get(tracking.TAG_DATASET) or params.get("dataset") or "?",
                 sigma=float(tags.get(tracking.TAG_SIGMA) or params.get("sigma") or "nan"),
-                rows=read_tsv(local), tags=tags, params=params))
+                rows=read_tsv(local), tags=tags, params=params)
+            c.settings = run_settings(c, split)
+            out.append(c)
     bad = [r for r in explicit if r in missing]
     if bad:
         raise CompareInputError(f"run(s) {', '.join(bad)} have no {tsv_name} artifact: {hint}")
@@ -172,18 +204,44 @@ def load_certified(client, runs: pd.DataFrame, split: str,
 
 
 # --- the table ----------------------------------------------------------------------------------------------
+def examples_id(rows: pd.DataFrame) -> str:
+    """The identity of a certification's example set: how many, and a hash of their indices (two runs
+    certified on different examples, e.g. the oracle's 80% and the whole test split, never share a row)."""
+    import hashlib
+
+    idx = sorted(int(i) for i in rows["idx"])
+    return f"{len(idx)}#{hashlib.sha256(','.join(map(str, idx)).encode()).hexdigest()[:8]}"
+
+
+def run_settings(c: CertifiedRun, split: str) -> dict[str, str]:
+    """SETTING_KEYS of a run: budget and selection from its tags/params; n0/n/alpha from the certify tags
+    ("<split>_cert_*"), else the budget's final settings; the examples from its TSV."""
+    cert = dict(zip(("n0", "n", "alpha"), _cert_values(c, split)))
+    return {"budget": c.get(tracking.TAG_BUDGET, "?"), "selection": c.get(tracking.TAG_SELECTION, "?"),
+            "split": split, "examples": examples_id(c.rows), **{k: str(v) for k, v in cert.items()}}
+
+
+def _peer_key(c: CertifiedRun) -> tuple:
+    return (c.dataset, c.trainable, c.source, c.sigma)
+
+
 def _config_labels(certified: list[CertifiedRun]) -> list[str]:
-    """Per run, the parameters that tell its configuration apart from the other fixed-config runs of the same
-    trainable and sigma ("" when there is one configuration, and for sweep-selected runs, whose configuration
-    the sweep chose): runs with equal labels are seeds of one configuration."""
-    params = [{k: v for k, v in c.params.items() if k not in NOT_CONFIG} if c.source == "train" else {}
-              for c in certified]
+    """Per run, what tells its row apart from the other rows of the same dataset, trainable, source and sigma:
+    the SETTING_KEYS that differ among them, then (fixed-config runs) the differing parameters. "" when
+    nothing differs. Runs with equal labels are seeds of one configuration."""
+    def params(c: CertifiedRun) -> dict[str, str]:
+        return {k: v for k, v in c.params.items() if k not in NOT_CONFIG and k not in SETTING_KEYS} \
+            if c.source == "train" else {}
+
     labels = []
-    for c, p in zip(certified, params):
-        key = (c.dataset, c.trainable, c.source, c.sigma)
-        peers = [q for d, q in zip(certified, params) if (d.dataset, d.trainable, d.source, d.sigma) == key]
-        varying = sorted(k for k in set().union(*peers) if len({q.get(k) for q in peers}) > 1)
-        labels.append(", ".join(f"{k}={p.get(k, '-')}" for k in varying))
+    for c in certified:
+        peers = [d for d in certified if _peer_key(d) == _peer_key(c)]
+        parts = [f"{k}={c.settings.get(k, '?')}" for k in SETTING_KEYS
+                 if len({d.settings.get(k, "?") for d in peers}) > 1]
+        ps = [params(d) for d in peers]
+        varying = sorted(k for k in set().union(*ps) if len({q.get(k) for q in ps}) > 1)
+        parts += [f"{k}={params(c).get(k, '-')}" for k in varying]
+        labels.append(", ".join(parts))
     return labels
 
 
@@ -193,10 +251,10 @@ def build_table(certified: list[CertifiedRun], radii: Sequence[float]) -> pd.Dat
     else the sample standard deviation over the runs), seeds and run_ids."""
     from trainables.metrics import summarize
 
-    keys = ["dataset", "trainable", "source", "sigma", "config"]
+    keys = ["dataset", "trainable", "source", "sigma", *SETTING_KEYS, "config"]
     per_run = pd.DataFrame.from_records([
         {"dataset": c.dataset, "trainable": c.trainable, "source": c.source, "sigma": c.sigma,
-         "config": label, "run_id": c.run_id, "seed": c.get(tracking.TAG_SEED), "examples": len(c.rows),
+         **{k: c.settings.get(k, "?") for k in SETTING_KEYS}, "config": label, "run_id": c.run_id, "seed": c.get(tracking.TAG_SEED), "examples": len(c.rows),
          **summarize(c.rows, radii)}
         for c, label in zip(certified, _config_labels(certified))])
     metric_cols = [c for c in per_run.columns if c not in (*keys, "run_id", "seed", "examples")]
@@ -214,17 +272,23 @@ def build_table(certified: list[CertifiedRun], radii: Sequence[float]) -> pd.Dat
     return pd.DataFrame.from_records(rows)
 
 
-def _cert_settings(c: CertifiedRun, split: str) -> str:
-    """n0/n/alpha of a run's certification: the tags orchestrator.certify sets, else the run's budget."""
-    tagged = {k: c.tags.get(f"{split}_cert_{k}") for k in ("n0", "n", "alpha")}
-    if all(tagged.values()):
-        return f"n0={tagged['n0']}, n={tagged['n']}, α={tagged['alpha']}"
+def _cert_values(c: CertifiedRun, split: str) -> tuple[str, str, str]:
+    """(n0, n, alpha) of a run's certification: the tags orchestrator.certify sets, else the run's budget's
+    final settings (train and sweep certify the test split with them), else "?"."""
+    tagged = tuple(c.tags.get(f"{split}_cert_{k}") for k in ("n0", "n", "alpha"))
+    if all(tagged):
+        return tagged  # type: ignore[return-value]
     if c.get(tracking.TAG_BUDGET) and split == "test":
         from orchestrator.budgets import BUDGETS
         b = BUDGETS.get(c.get(tracking.TAG_BUDGET))
         if b is not None:
-            return f"n0={b.final_n0}, n={b.final_n}, α={b.alpha}"
-    return ""
+            return str(b.final_n0), str(b.final_n), str(b.alpha)
+    return "?", "?", "?"
+
+
+def _cert_settings(c: CertifiedRun, split: str) -> str:
+    n0, n, alpha = _cert_values(c, split)
+    return "" if n0 == "?" else f"n0={n0}, n={n}, α={alpha}"
 
 
 def caption(certified: list[CertifiedRun], table: pd.DataFrame, split: str) -> str:
@@ -419,13 +483,16 @@ def sweep_summaries(client, certified: list[CertifiedRun], out: Path) -> list[Pa
 # --- main ---------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The command, for a parsed command line. Returns the table, the Markdown, the files and the run id."""
-    import mlflow
     from trainables import metrics
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    mlflow.set_tracking_uri(mlflow_utils.resolve_tracking_uri(args.tracking_uri))   # the one default store
     radii = parse_radii(args.radii) if args.radii else None
-    client = mlflow.MlflowClient()
+    uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri, create=False)   # reads: never creates a store
+    out = Path(args.out or defaults.default_output_dir(DEFAULT_OUT))
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise CompareInputError(f"--out {out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}")
+    client = mlflow_utils.client(uri)
     runs = find_runs(client, args.experiment, args.runs)
     certified = load_certified(client, runs, args.split, explicit=args.runs)
     if args.sigma is not None:
@@ -438,7 +505,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table = build_table(certified, radii)
     md = to_markdown(table, radii, caption(certified, table, args.split))
 
-    out = Path(args.out or defaults.default_output_dir(DEFAULT_OUT))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(md)
@@ -450,26 +516,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print("wrote " + ", ".join(str(f) for f in files))
     result = {"table": table, "markdown": md, "files": files, "run_id": None}
     if not args.no_log:
-        mlflow.set_experiment(COMPARE_EXPERIMENT)
-        with mlflow.start_run(run_name="compare", tags={tracking.TAG_ROLE: "compare"}) as active:
-            mlflow.log_params({"runs": len(certified), "split": args.split,
-                               "radii": ",".join(f"{r:g}" for r in radii)})
-            mlflow.set_tag("compared_runs", ",".join(c.run_id for c in certified)[:5000])
-            for f in files:
-                mlflow.log_artifact(str(f))
-            result["run_id"] = active.info.run_id
+        result["run_id"] = log_comparison(client, uri, certified, args.split, radii, files)
         print(f"logged comparison run {result['run_id']} (experiment {COMPARE_EXPERIMENT!r})")
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def log_comparison(client, uri: str, certified: list[CertifiedRun], split: str, radii: Sequence[float],
+                   files: Sequence[Path]) -> str:
+    """A run (role "compare") in the experiment COMPARE_EXPERIMENT holding the comparison's files."""
+    exp_id = mlflow_utils.ensure_experiment(client, COMPARE_EXPERIMENT, uri)
+    run_id = mlflow_utils.create_run(client, exp_id, "compare", {tracking.TAG_ROLE: "compare"})
     try:
-        run(args)
-    except CompareInputError as exc:
-        print(f"compare: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        mlflow_utils.log_params(client, run_id, {"runs": len(certified), "split": split,
+                                                 "radii": ",".join(f"{r:g}" for r in radii)})
+        mlflow_utils.set_tags(client, run_id, {"compared_runs": ",".join(c.run_id for c in certified)})
+        for f in files:
+            client.log_artifact(run_id, str(f))
+    except BaseException as exc:
+        mlflow_utils.close_run(client, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                               f"{type(exc).__name__}: {exc}")
+        raise
+    mlflow_utils.close_run(client, run_id, "FINISHED")
+    return run_id
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bad input: one line on stderr, exit code 2 (cli_common.run_main, which also handles SIGTERM/SIGINT)."""
+    return run_main(_main, argv, prog="compare")
 
 
 if __name__ == "__main__":

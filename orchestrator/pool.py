@@ -30,6 +30,7 @@ each actor also gets GPUs / actors of a GPU and runs on "cuda".
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -37,23 +38,32 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 
+from orchestrator.cli_common import UsageError, install_signal_handlers
 from trainables import checkpoint
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, min_certify_n
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 MANIFEST_FORMAT = "smoothing-orchestrator/certify-manifest/1"
+LOCK_FILE = ".lock"
+#: the data provenance a resume must match (manifest["data"]). "root" and "source" (where the files were, which
+#: loader read them) are recorded but not compared: the same examples moved to another folder or node are the
+#: same data, and examples_sha256 (their content) says whether they are
+DATA_COMPARED = ("dataset", "split", "recipe", "examples_sha256", "num_examples")
 #: default work per shard, in noise samples: 1e6 is about a minute of LeNet on one CPU core (seconds on a
 #: GPU), so a killed driver or actor loses little while the per-shard overhead (milliseconds) stays small.
 SAMPLES_PER_SHARD = 1_000_000
+#: bytes per chunk of the checkpoint sent to an actor (below Ray's 100 KiB inlining threshold)
+MODEL_CHUNK = 64 << 10
 
 
-class CertifyInputError(ValueError):
+class CertifyInputError(UsageError, ValueError):
     """Bad input (settings, model, output directory): the CLI prints it on one line and exits with code 2."""
 
 
@@ -147,7 +157,8 @@ class CertifyWorker:
     """One Ray actor: loads the model once, then certifies shards with `trainable.certifier().certify_many`
     (GLEAN's latent certifier and the input-space Smooth alike)."""
 
-    def __init__(self, model_bytes: bytes, threads: int, device: str):
+    def __init__(self, model_bytes: bytes, threads: int, device: str, *more_bytes: bytes):
+        model_bytes = b"".join((model_bytes, *more_bytes))      # the checkpoint in chunks: see _run_pool
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
@@ -228,24 +239,97 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     return manifest
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse (CertifyInputError) an output directory that cannot hold a certification, before anything is
+    written: a file, a path under a file, a read-only place, or a non-empty folder that is not one of ours."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CertifyInputError(f"--out {out} is a file, not a directory; choose another --out")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CertifyInputError(f"--out {out}: {existing} is a file, so no directory can be made under it")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise CertifyInputError(f"--out {out}: {existing} is not writable (read-only filesystem or "
+                                "permissions); choose another --out")
+    if out.is_dir() and read_manifest(out) is None and any(p.name != LOCK_FILE for p in out.iterdir()):
+        raise CertifyInputError(f"{out} is not empty and holds no {MANIFEST}; choose another --out")
+
+
+@contextmanager
+def exclusive_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on `out_dir/.lock` (creating out_dir) for the duration: two certify
+    processes never compute the same shards at once. (fcntl locks are per host; on a network filesystem they
+    are as good as its lock support.)"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise CertifyInputError(f"{out_dir} is in use by another certification (pid {holder}); wait for it "
+                                    "to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)      # releases the lock
+
+
+def examples_sha256(data, indices: Sequence[int]) -> str:
+    """sha256 of the certified examples' content (pixels as float32 and labels, in `indices` order): the data's
+    identity, whatever folder, file format or download it came from."""
+    h = hashlib.sha256()
+    for i in indices:
+        x, y = _example(data, i)
+        h.update(x.contiguous().numpy().tobytes())
+        h.update(int(y).to_bytes(8, "little", signed=True))
+    return h.hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str]) -> str:
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now" for k in diff)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text[:16] + "…'" if isinstance(v, str) and len(v) == 64 else text
+
+
+def check_resume(out_dir: Path, fingerprint: str, data: Mapping[str, Any] | None, old: dict | None = None) -> None:
+    """Refuse to continue `out_dir` with another model or other data (one line listing every difference).
+    Cheap and free of side effects: the CLI calls it before Ray starts."""
+    old = read_manifest(out_dir) if old is None else old
+    if old is None:
+        return
+    if old["model"]["fingerprint"] != fingerprint:
+        raise CertifyInputError(
+            f"{out_dir} holds shards of another model ({old['model'].get('source') or '?'}, fingerprint "
+            f"{old['model']['fingerprint'][:12]}, not {fingerprint[:12]}); choose another --out")
+    if data is not None:
+        if "data" not in old:
+            raise CertifyInputError(f"{out_dir} records no data provenance (an older version wrote it), so "
+                                    "its shards cannot be proven to be of these data; choose another --out")
+        shown = _differences(old["data"], data, DATA_COMPARED)
+        if shown:
+            raise CertifyInputError(f"{out_dir} holds shards of other data ({shown}); resume with the data "
+                                    "it was started on (--data-root), or choose another --out")
+
+
 def prepare_out_dir(out_dir: Path, manifest: dict, resume: bool) -> None:
-    """Create `out_dir` with `manifest`, or check that an existing one holds this model and these settings."""
+    """Create `out_dir` with `manifest`, or check that an existing one holds this model, these settings and
+    these data (dataset, split, recipe, data source, content hash of the examples)."""
     old = read_manifest(out_dir)
     if old is None:
-        if out_dir.exists() and any(out_dir.iterdir()):
+        if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise CertifyInputError(f"{out_dir} is not empty and holds no {MANIFEST}; choose another --out")
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         return
-    if old["model"]["fingerprint"] != manifest["model"]["fingerprint"]:
-        raise CertifyInputError(
-            f"{out_dir} holds shards of another model ({old['model'].get('source') or '?'}, fingerprint "
-            f"{old['model']['fingerprint'][:12]}, not {manifest['model']['fingerprint'][:12]}); "
-            "choose another --out")
+    check_resume(out_dir, manifest["model"]["fingerprint"], manifest.get("data"), old)
     if old["settings"] != manifest["settings"]:
-        diff = {k: (old["settings"].get(k), v) for k, v in manifest["settings"].items()
-                if old["settings"].get(k) != v}
-        shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        shown = _differences(old["settings"], manifest["settings"], sorted(manifest["settings"]))
         raise CertifyInputError(f"{out_dir} holds shards certified with other settings ({shown}); "
                                 "use the same settings to resume, or choose another --out")
     done = list((out_dir / SHARD_DIR).glob("shard-*.tsv"))
@@ -276,7 +360,8 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
                       actors: int | None = None, resume: bool = True, progress: bool = True,
                       shard_size: int | None = None, source: str = "", extra: dict | None = None,
                       on_shard: Callable[[ShardDone], None] | None = None,
-                      timeout_s: float | None = None) -> pd.DataFrame:
+                      timeout_s: float | None = None,
+                      data_identity: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Certify `data[i]` for i in `indices` on a pool of Ray actors; return Cohen's rows sorted by idx.
 
     model: a Trainable (e.g. a sweep's selected model) or a checkpoint path; each actor loads it once.
@@ -289,6 +374,9 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
       JSON-able information for the manifest (not compared on resume; the CLI stores its arguments there).
     on_shard: called after each computed shard is persisted (ShardDone); timeout_s: fail with TimeoutError
       when no shard finishes for this long (None: wait forever; tests set it).
+    data_identity: where the data came from (dataset, split, recipe = the loader's options and subsets, root,
+      source); recorded in manifest["data"] with the content hash of the examples (examples_sha256), and a
+      resume on other data is refused (DATA_COMPARED). out_dir is locked (fcntl) while the pool runs.
     Starts Ray locally if it is not running. The returned DataFrame's `attrs` hold "shards_computed",
     "shards_reused", "tsv", "manifest" and "fingerprint".
     Raises CertifyInputError for bad settings, an unusable model or a mismatching out_dir.
@@ -298,7 +386,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
             return certify_with_pool(model, data, indices, out_dir=tmp, split=split, n0=n0, n=n, alpha=alpha,
                                      batch=batch, seed=seed, actors=actors, resume=resume, progress=progress,
                                      shard_size=shard_size, source=source, extra=extra, on_shard=on_shard,
-                                     timeout_s=timeout_s)
+                                     timeout_s=timeout_s, data_identity=data_identity)
     validate_settings(n0, n, alpha, batch, seed)
     indices = [int(i) for i in indices]
     if not indices:
@@ -308,12 +396,22 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     if min(indices) < 0 or max(indices) >= len(data):
         raise CertifyInputError(f"indices must lie in [0, {len(data)}) for this {split} split of {len(data)} "
                                 f"examples, got {min(indices)}..{max(indices)}")
+    if shard_size is not None and shard_size < 1:
+        raise CertifyInputError(f"shard size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    check_out_dir(out)
     trainable, model_bytes = load_model(model)
     fingerprint = model_fingerprint(trainable)
     shard_size = shard_size or default_shard_size(len(indices), n0, n)
+    data_prov = {"dataset": trainable.info.name, "split": split, **dict(data_identity or {}),
+                 "num_examples": len(indices)}
+    if "examples_sha256" not in data_prov:     # the CLI computed it already, to check a resume before Ray
+        data_prov["examples_sha256"] = examples_sha256(data, indices)
+    check_resume(out, fingerprint, data_prov)
     import ray
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
+        install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
     resources = actor_resources(actors)
     settings = {"split": split, "device": resources[3], "n0": int(n0), "n": int(n), "alpha": float(alpha),
                 "batch": int(batch), "seed": int(seed), "shard_size": int(shard_size),
@@ -324,9 +422,18 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     manifest = {"format": MANIFEST_FORMAT, "complete": False,
                 "model": {"fingerprint": fingerprint, "trainable": trainable.NAME, "sigma": trainable.sigma,
                           "dataset": trainable.info.name, "source": source},
-                "settings": settings, "extra": extra or {}}
-    out = Path(out_dir)
-    prepare_out_dir(out, manifest, resume)
+                "settings": settings, "data": data_prov, "extra": extra or {}}
+    with exclusive_lock(out):
+        prepare_out_dir(out, manifest, resume)
+        return _certify_locked(out, manifest, model_bytes, data, indices, shard_size, resources, split, progress,
+                               on_shard, timeout_s)
+
+
+def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices: list[int], shard_size: int,
+                    resources, split: str, progress: bool, on_shard, timeout_s) -> pd.DataFrame:
+    """The pool's work once `out` is locked and its manifest matches: compute the missing shards, then the TSV."""
+    settings, fingerprint = manifest["settings"], manifest["model"]["fingerprint"]
+    n0, n, alpha, batch, seed = (settings[k] for k in ("n0", "n", "alpha", "batch", "seed"))
 
     shards = [indices[i:i + shard_size] for i in range(0, len(indices), shard_size)]
     todo = [k for k in range(len(shards)) if not shard_path(out, k).exists()]
@@ -346,9 +453,11 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
         parts.append(part)
     df = pd.concat(parts, ignore_index=True).sort_values("idx", kind="stable").reset_index(drop=True)
     tsv = out / f"{split}.tsv"
-    meta = {"trainable": trainable.NAME, "dataset": trainable.info.name, "sigma": trainable.sigma,
+    model = manifest["model"]
+    meta = {"trainable": model["trainable"], "dataset": model["dataset"], "sigma": model["sigma"],
             **{k: settings[k] for k in ("split", "n0", "n", "alpha", "batch", "seed", "device")},
-            "fingerprint": fingerprint, "source": source}
+            "fingerprint": fingerprint, "source": model["source"],
+            "examples_sha256": manifest["data"]["examples_sha256"]}
     _atomic_write_tsv(df, tsv, meta={k: str(v).replace("\n", " ") for k, v in meta.items()})
     manifest["complete"] = True
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
@@ -372,8 +481,12 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
     num_actors, options, threads, device = resources
     num_actors = min(num_actors, len(todo))   # no actor would get a shard
     remote_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(CertifyWorker)
-    model_ref = ray.put(model_bytes)
-    pool = tuple(remote_cls.options(**options, runtime_env={"env_vars": ACTOR_ENV}).remote(model_ref, threads, device)
+    # The checkpoint travels inside the actor's creation task, as chunks small enough to be inlined (Ray puts an
+    # argument above 100 KiB in the object store, and then logs an alarming "actor restart will fail" error for
+    # every restartable actor; inlined, a restart finds its arguments in the task spec at the GCS).
+    chunks = [model_bytes[i:i + MODEL_CHUNK] for i in range(0, len(model_bytes), MODEL_CHUNK)] or [b""]
+    pool = tuple(remote_cls.options(**options, runtime_env={"env_vars": ACTOR_ENV})
+                 .remote(chunks[0], threads, device, *chunks[1:])
                  for _ in range(num_actors))
     done_examples = sum(len(s) for s in shards) - sum(len(shards[k]) for k in todo)
     bar = tqdm(total=sum(len(s) for s in shards), initial=done_examples, unit="img", desc=f"certify {split}",

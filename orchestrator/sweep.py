@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from orchestrator import cluster, defaults, tracking
+from orchestrator import cli_common, cluster, defaults, tracking
 from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
@@ -70,7 +70,7 @@ SWEEP_FILE = "sweep.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.sweep", allow_abbrev=False,
                                 description="Search hyperparameters (Ray Tune + Optuna) maximising validation ACR, "
                                             "then certify the selected model on the test split.")
     p.add_argument("name", help="search space or trainable (glean, drf, drf-smoothadv, gaussian, ...)")
@@ -273,7 +273,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         commit = state["git_commit"]
         cl.update_run(parent, status="RUNNING")
     sweep_uri = st.join(storage_uri, sweep_name)
-    print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})",
+    print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({mlflow_utils.redact(tracking_uri)})",
           flush=True)
 
     setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=selection.method, seed=args.seed,
@@ -294,6 +294,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                             callbacks=[callback], restore=previous is not None,
                             points_to_evaluate=_default_point(space) if len(objectives) == 1 else None)
         grid = tuner.fit()
+        cli_common.install_signal_handlers()   # Tune leaves its SIGINT handler behind (C7)
         if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
             for run in mlflow_utils.trial_runs(cl, experiment_id, parent).values():
                 if run.info.status == "RUNNING":
@@ -314,6 +315,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     except BaseException as exc:
         from orchestrator.train_loop import describe_exception
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        mlflow_utils.close_running_children(cl, experiment_id, parent, status)   # C7: none left RUNNING
         mlflow_utils.close_run(cl, parent, status, describe_exception(exc))
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")

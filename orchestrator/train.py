@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from orchestrator import cluster, defaults, tracking
+from orchestrator import cli_common, cluster, defaults, tracking
 from orchestrator import storage as st
 from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, format_table, load_splits, loop_data,
@@ -41,7 +41,7 @@ META_PARAMS = ("trainable", "dataset", "budget", "epochs", "workers", "data_sour
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.train", allow_abbrev=False,
+    p = cli_common.ArgumentParser(prog="python -m orchestrator.train", allow_abbrev=False,
                                 description="Train one configuration, certify it on the test split, log to MLflow.")
     p.add_argument("name", nargs="?", help="registered trainable (glean, gaussian, drf-smoothadv, ...)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this interrupted train run from its last checkpoint")

@@ -28,6 +28,7 @@ report never runs code after it.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -265,6 +266,9 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
                 from torch.utils.data import default_collate
                 x, y, d = default_collate([data.train[int(i)] for i in idx])[:3]
             for k, v in trainable.update(x, y, d).items():
+                if "loss" in k and not math.isfinite(float(v)):   # diverged: stop as FAILED, say where
+                    raise FloatingPointError(f"non-finite {k} ({float(v)}) at epoch {epoch + 1}, step {steps + 1}:"
+                                             " training diverged; lower lr or check the data")
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
         epoch_metrics = {k: v / max(steps, 1) for k, v in sums.items()}

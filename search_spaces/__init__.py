@@ -26,7 +26,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from trainables.hparams import HParam, SearchSpace, resolve
+from trainables.hparams import HParam, SearchSpace, check_value, coerce, resolve
 from trainables.registry import TRAINABLES, get_trainable
 
 #: sweep name -> module defining SPACE
@@ -74,29 +74,40 @@ def _check_range(name: str, hp: HParam) -> None:
 
 
 def parse_range(name: str, text: str, base: HParam | None) -> HParam:
-    """`--space key=LOW:HIGH` (numeric, keeps the declaration's log/integer) or `key=a,b,c` (choices)."""
+    """`--space key=LOW:HIGH` (numeric, keeps the declaration's log/integer) or `key=a,b,c` (choices).
+
+    Every value goes through the hyperparameter's own rule before Ray starts: the declared type, finite, the
+    declared check (e.g. sigma > 0) and, for a categorical hyperparameter (strings, booleans), its declared
+    choices. A numeric choice list may leave the declared grid (e.g. another set of sigmas)."""
     base = base or HParam(None)
+    categorical = base.choices is not None and not all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) for c in base.choices)
+
+    def value(v: str) -> Any:
+        try:
+            x = coerce(name, base, v)
+            check_value(name, base, x)
+        except ValueError as exc:
+            raise SearchSpaceError(f"--space {name}={text}: {exc}") from None
+        if categorical and x not in base.choices:
+            raise SearchSpaceError(f"--space {name}={text}: {x!r} is not one of {list(base.choices)}")
+        return x
+
     if ":" in text:
+        if categorical:
+            raise SearchSpaceError(f"--space {name}={text}: {name} is categorical; give choices a,b,...")
         lo, _, hi = text.partition(":")
         try:
             low, high = float(lo), float(hi)
         except ValueError:
             raise SearchSpaceError(f"--space {name}={text}: expected LOW:HIGH numbers") from None
+        for bound in (low, high):
+            value(repr(int(bound)) if base.integer and bound.is_integer() else repr(bound))
         return dataclasses.replace(base, low=low, high=high, choices=None)
     items = [v for v in (s.strip() for s in text.split(",")) if v]
     if not items:
         raise SearchSpaceError(f"--space {name}={text!r}: the search range is empty")
-    values: list[Any] = []
-    for v in items:  # keep the declared default's type
-        if isinstance(base.default, bool):
-            values.append(v.lower() in ("1", "true", "yes", "on"))
-        elif isinstance(base.default, int):
-            values.append(int(float(v)))
-        elif isinstance(base.default, float):
-            values.append(float(v))
-        else:
-            values.append(v)
-    return dataclasses.replace(base, choices=tuple(values), low=None, high=None)
+    return dataclasses.replace(base, choices=tuple(value(v) for v in items), low=None, high=None)
 
 
 @dataclass

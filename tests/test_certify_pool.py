@@ -169,6 +169,10 @@ def test_bad_input_exits_2_with_one_line(ray_local, ckpt, mnist, one_actor_out, 
     base = ["--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
     assert "must be >= n0" in _exit2([*base, "--n0", "100", "--n", "50"], capsys, out)
     assert "too small for alpha" in _exit2([*base, "--n0", "5", "--n", "5"], capsys, out)
+    assert "no MLflow store" in _exit2(["--run-id", "0123abcd", "--tracking-uri", mlflow_uri], capsys)
+    assert not Path(mlflow_uri.removeprefix("sqlite:///")).exists()     # certify only reads: creates no store
+    import mlflow
+    mlflow.MlflowClient(mlflow_uri).search_experiments()                  # now the store exists
     assert "unknown MLflow run id" in _exit2(["--run-id", "0123abcd", "--tracking-uri", mlflow_uri,
                                               "--out", str(out)], capsys, out)
 

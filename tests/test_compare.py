@@ -108,3 +108,74 @@ def test_bad_input_gets_a_clear_message(store, tmp_path, capsys):
     assert "certify them first" in _exit2(["--experiment", "empty", *base], capsys)
     assert "--radii" in _exit2(["--experiment", EXPERIMENT, "--radii", "0,x", *base], capsys)
     assert not (tmp_path / "cmp" / "table.csv").exists()
+
+
+# --- like with like (issue 15): a store whose runs differ in one setting at a time --------------------------
+def _certified_run(cl, exp_id: str, tmp, *, seed: int, budget: str = "smoke", selection: str = "train-domain",
+                   n: int | None = None, idx=range(100), sigma: float = 0.25, lr: str = "0.05") -> str:
+    """A real MLflow run of `orchestrator.train`'s shape (tags, params, certification TSV artifact) with rows
+    drawn from a seeded generator: the table's grouping, not training, is under test here."""
+    from orchestrator import mlflow_utils
+
+    run_id = mlflow_utils.create_run(cl, exp_id, "gaussian-train", {
+        tracking.TAG_ROLE: "train", tracking.TAG_TRAINABLE: "gaussian", tracking.TAG_DATASET: "mnist",
+        tracking.TAG_SIGMA: sigma, tracking.TAG_BUDGET: budget, tracking.TAG_SELECTION: selection,
+        tracking.TAG_SEED: seed})
+    mlflow_utils.log_params(cl, run_id, {"trainable": "gaussian", "dataset": "mnist", "sigma": sigma, "lr": lr,
+                                         "seed": seed, "budget": budget, "selection": selection})
+    if n is not None:
+        mlflow_utils.set_tags(cl, run_id, {"test_cert_n0": 100, "test_cert_n": n, "test_cert_alpha": 0.001})
+    rng = np.random.default_rng(seed * 7919 + (n or 0))
+    idx = list(idx)
+    correct = rng.random(len(idx)) < 0.8
+    df = pd.DataFrame({"idx": idx, "label": 1, "predict": np.where(correct, 1, 2),
+                       "radius": np.round(rng.random(len(idx)), 3), "correct": correct.astype(int),
+                       "time": 0.01})
+    path = tmp / f"{run_id}.tsv"
+    metrics.write_tsv(df, path)
+    mlflow_utils.log_file(cl, run_id, path, tracking.cert_tsv_artifact("test"))
+    mlflow_utils.close_run(cl, run_id)
+    return run_id
+
+
+def test_rows_only_average_runs_that_match_in_every_setting(tmp_path, capsys):
+    from orchestrator import mlflow_utils
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = mlflow_utils.client(uri)
+    exp = mlflow_utils.ensure_experiment(cl, "like", uri)
+    seeds = [_certified_run(cl, exp, tmp_path, seed=s, n=1000) for s in (0, 1)]          # one row, 2 runs
+    big_n = _certified_run(cl, exp, tmp_path, seed=2, n=100_000)                          # other n
+    oracle = _certified_run(cl, exp, tmp_path, seed=3, n=1000, selection="oracle", idx=range(20, 100))
+    quick = _certified_run(cl, exp, tmp_path, seed=4, n=1000, budget="quick")             # other budget
+    other_lr = _certified_run(cl, exp, tmp_path, seed=5, n=1000, lr="0.1")                 # other config
+    global_uri = mlflow.get_tracking_uri()
+
+    out = tmp_path / "cmp"
+    assert compare.main(["--experiment", "like", "--tracking-uri", uri, "--out", str(out)]) == 0
+    capsys.readouterr()
+    table = pd.read_csv(out / "table.csv", dtype={"n": str, "n0": str, "alpha": str})
+    by_runs = {frozenset(r.split(",")): row for r, (_, row) in zip(table["run_ids"], table.iterrows())}
+    assert set(by_runs) == {frozenset(seeds), frozenset([big_n]), frozenset([oracle]), frozenset([quick]),
+                            frozenset([other_lr])}
+    assert by_runs[frozenset(seeds)]["runs"] == 2
+    # every row is labelled with what differs from the others of its trainable and sigma
+    labels = {k: str(row["config"]) for k, row in by_runs.items()}
+    assert "n=100000" in labels[frozenset([big_n])] and "n=1000" in labels[frozenset(seeds)]
+    assert "selection=oracle" in labels[frozenset([oracle])]
+    assert "examples=80#" in labels[frozenset([oracle])]
+    assert "budget=quick" in labels[frozenset([quick])]
+    assert "lr=0.1" in labels[frozenset([other_lr])]
+    assert len(set(labels.values())) == len(labels)
+    assert (out / "table.md").read_text().count("\n| gaussian") == 5
+    # MLflow was driven through a client: no global tracking URI set, no active run left behind
+    assert mlflow.get_tracking_uri() == global_uri and mlflow.active_run() is None
+    [logged] = cl.search_runs([cl.get_experiment_by_name(compare.COMPARE_EXPERIMENT).experiment_id])
+    assert logged.info.status == "FINISHED" and logged.data.tags[tracking.TAG_ROLE] == "compare"
+
+
+def test_compare_never_creates_a_store(tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    assert compare.main(["--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "cmp")]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not db.exists() and not (tmp_path / "cmp").exists()

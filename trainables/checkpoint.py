@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ import torch
 from trainables.data import DataInfo
 
 FORMAT = "smoothing-orchestrator/1"
+#: the project's own types a checkpoint may hold besides tensors, containers, numbers and strings
+#: (torch.load(weights_only=True) refuses everything else). Empty today: `save` writes plain data only
+#: (DataInfo as a dict); add a type here, never switch weights_only off.
+SAFE_GLOBALS: list[Any] = []
 
 
 class CheckpointError(ValueError):
@@ -52,7 +58,19 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: checkpoints come from tracking servers and other people's runs; a full unpickler
+        # would run whatever code a crafted file names. Only tensors, containers, numbers, strings and the
+        # types allow-listed in SAFE_GLOBALS are rebuilt.
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path} names code outside the checkpoint format's allow-list "
+                                  f"({found.group(1) or found.group(2)}); it was not loaded: it may be malicious "
+                                  "or written by another tool") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError); it may be truncated or "
+                              "corrupt: retrain or use another checkpoint") from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
                               "it may be truncated or corrupt: retrain or use another checkpoint") from None

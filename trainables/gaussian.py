@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from trainables.base import Trainable
 from trainables.data import DataInfo
-from trainables.hparams import HParam
+from trainables.hparams import ARCH_CHECK, HParam
 from trainables.models import DEFAULT_ARCHITECTURE, build_model
 
 SIGMAS = (0.12, 0.25, 0.5, 1.0)
@@ -48,7 +48,7 @@ SGD_HPARAMS: dict[str, HParam] = {
     "momentum": HParam(0.9, check="in [0, 1)", doc="Nesterov momentum"),
     "weight_decay": HParam(1e-4, check=">= 0", doc="L2 weight decay"),
     "batch_size": HParam(256, check=">= 1", doc="examples per optimisation step"),
-    "arch": HParam("", doc="architecture; '' = the dataset's default (trainables.models.DEFAULT_ARCHITECTURE)"),
+    "arch": HParam("", check=ARCH_CHECK, doc="architecture; '' = the dataset's default (trainables.models.DEFAULT_ARCHITECTURE)"),
     "augment": HParam(False, choices=(True, False),
                       doc="random crop (padding 4) + horizontal flip of training batches (CIFAR-10 recipe: on)"),
 }

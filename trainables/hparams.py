@@ -81,14 +81,40 @@ def _coerce(name: str, hp: HParam, value: Any) -> Any:
     return value
 
 
+def _is_architecture(v: Any) -> bool:
+    from trainables.models import ARCHITECTURES
+
+    return v == "" or v in ARCHITECTURES
+
+
+_CHECKS["an architecture of trainables.models ('' = the dataset's default)"] = _is_architecture
+ARCH_CHECK = "an architecture of trainables.models ('' = the dataset's default)"
+
+
+def check_value(name: str, hp: HParam, value: Any) -> None:
+    """The value rules every source of a value obeys (a default, `--set`, a `--space` choice or bound):
+    a number is finite, and the declared constraint (`check`) holds. Raises ValueError saying which."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be a finite number")
+    if hp.check is not None and not _CHECKS[hp.check](value):
+        extra = ""
+        if hp.check == ARCH_CHECK:
+            from trainables.models import ARCHITECTURES
+            extra = f" ({', '.join(ARCHITECTURES)})"
+        raise ValueError(f"{name}={value!r} is invalid: {name} must be {hp.check}{extra}")
+
+
 def validate(name: str, hp: HParam, value: Any) -> None:
-    """Raise ValueError if `value` violates the declared constraint or categorical choices."""
-    if hp.check is not None:
-        ok = _CHECKS[hp.check]
-        if isinstance(value, float) and math.isnan(value) or not ok(value):
-            raise ValueError(f"{name}={value!r} is invalid: {name} must be {hp.check}")
+    """Raise ValueError if `value` is not finite, violates the declared constraint or is not one of the
+    declared categorical choices."""
+    check_value(name, hp, value)
     if hp.choices is not None and value not in hp.choices:
         raise ValueError(f"{name}={value!r} is invalid: choose one of {list(hp.choices)}")
+
+
+def coerce(name: str, hp: HParam, value: Any) -> Any:
+    """A command-line string coerced to the declared default's type (ValueError naming the expected type)."""
+    return _coerce(name, hp, value)
 
 
 def resolve(hparams: Mapping[str, HParam], overrides: Mapping[str, Any] | None = None,
