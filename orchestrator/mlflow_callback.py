@@ -22,8 +22,10 @@ Trials, Ray Train workers and certification actors never open the tracking store
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -85,6 +87,22 @@ def log_checkpoint(cl, run_id: str, checkpoint) -> None:
     """Log a Ray Checkpoint's files (downloaded from the storage, wherever it is)."""
     with tempfile.TemporaryDirectory(prefix="ckpt-log-") as tmp:
         log_checkpoint_dir(cl, run_id, checkpoint.to_directory(tmp))
+
+
+logger = logging.getLogger(__name__)
+
+
+def _retrying(fn, *args, tries: int = 5, **kwargs):
+    """fn(*args) retried with back-off: a busy store (sqlite locked by a reader, a server restarting) must not
+    end the sweep; the dedupe by epoch makes a retried report safe. The last failure is raised."""
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types
+            if attempt == tries - 1:
+                raise
+            logger.warning("MLflow write failed (%s); retrying", " ".join(str(exc).split())[:200])
+            time.sleep(0.5 * 2 ** attempt)
 
 
 def _error_line(trial) -> str:
@@ -150,11 +168,11 @@ class MLflowTrialCallback(_TuneCallback):
         return self.run_ids[tid]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        _retrying(self.run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        rid = self.run_id(trial)
-        log_report(self.client, rid, result, self._logged[trial.trial_id])
+        rid = _retrying(self.run_id, trial)
+        _retrying(log_report, self.client, rid, result, self._logged[trial.trial_id])
         if tracking.EPOCH in result:
             self._last_epoch[trial.trial_id] = int(result[tracking.EPOCH])
         if result.get("checkpoint_path"):   # a TorchTrainer inside the trial (TuneReportCallback)
@@ -164,23 +182,23 @@ class MLflowTrialCallback(_TuneCallback):
         self._last_checkpoint[trial.trial_id] = ("checkpoint", checkpoint, trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
-        mlflow_utils.set_tags(self.client, rid, {"restarts": getattr(trial, "num_failures", 0),
+        rid = _retrying(self.run_id, trial)
+        _retrying(mlflow_utils.set_tags, self.client, rid, {"restarts": getattr(trial, "num_failures", 0),
                                                  "last_failure": _error_line(trial)})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
-        mlflow_utils.close_run(self.client, rid, "FAILED", _error_line(trial))
+        rid = _retrying(self.run_id, trial)
+        _retrying(mlflow_utils.close_run, self.client, rid, "FAILED", _error_line(trial))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        rid = self.run_id(trial)
+        rid = _retrying(self.run_id, trial)
         last = self._last_checkpoint.pop(trial.trial_id, None)
         if last is not None:
-            self._log_last_checkpoint(rid, last)
+            _retrying(self._log_last_checkpoint, rid, last)
         epoch = self._last_epoch.get(trial.trial_id) or int((trial.last_result or {}).get(tracking.EPOCH, 0))
-        mlflow_utils.set_tags(self.client, rid, {
+        _retrying(mlflow_utils.set_tags, self.client, rid, {
             tracking.TAG_STOPPED_EARLY: str(epoch < self.epochs_of(dict(trial.config))).lower()})
-        mlflow_utils.close_run(self.client, rid, "FINISHED")
+        _retrying(mlflow_utils.close_run, self.client, rid, "FINISHED")
 
     def _log_last_checkpoint(self, rid: str, last) -> None:
         kind, ckpt, trial = last

@@ -118,9 +118,9 @@ def two_nodes(tmp_path_factory):
     procs: list[subprocess.Popen] = []
     try:
         # Ray gives a raylet 30 s to register (hard-coded): on a loaded machine a node can miss that, so each node
-        # gets a second start
+        # gets three starts
         def start(cmd, log, n, **kw):
-            for attempt in range(2):
+            for attempt in range(3):
                 proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=open(base / log, "w"),
                                         stderr=subprocess.STDOUT, **kw)
                 procs.append(proc)

@@ -108,8 +108,8 @@ def test_resume_after_killed_driver(mlflow_uri, tmp_path):
             "--concurrency", "1", "--tracking-uri", mlflow_uri, "--storage", str(storage)]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:  # kill once a trial has reported and Tune has saved its state
@@ -117,7 +117,8 @@ def test_resume_after_killed_driver(mlflow_uri, tmp_path):
             trials = _by_role(_runs(mlflow_uri), "trial") if list(storage.glob("*/sweep.json")) else []
             if any(tracking.VAL_ACR in r.data.metrics for r in trials) and list(storage.glob("*/experiment_state*")):
                 break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert proc.poll() is None, ("the sweep ended before it could be killed: "
+                                         + (tmp_path / "driver.log").read_text()[-3000:])
             time.sleep(1)
         else:
             pytest.fail("no trial reported within 240 s")
