@@ -349,7 +349,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     meta = {"trainable": trainable.NAME, "dataset": trainable.info.name, "sigma": trainable.sigma,
             **{k: settings[k] for k in ("split", "n0", "n", "alpha", "batch", "seed", "device")},
             "fingerprint": fingerprint, "source": source}
-    _atomic_write_tsv(df, tsv, meta={k: str(v).replace("\n", " ") for k, v in meta.items()})
+    _atomic_write_tsv(df, tsv, meta=meta)          # the JSON sidecar keeps numbers as numbers
     manifest["complete"] = True
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
