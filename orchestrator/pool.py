@@ -458,7 +458,7 @@ def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices
             **{k: settings[k] for k in ("split", "n0", "n", "alpha", "batch", "seed", "device")},
             "fingerprint": fingerprint, "source": model["source"],
             "examples_sha256": manifest["data"]["examples_sha256"]}
-    _atomic_write_tsv(df, tsv, meta={k: str(v).replace("\n", " ") for k, v in meta.items()})
+    _atomic_write_tsv(df, tsv, meta=meta)          # the JSON sidecar keeps numbers as numbers
     manifest["complete"] = True
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
