@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset root (default: trainables.data's resolution)")
     p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="auto: the actors use the cluster's GPUs when it has some (default); cpu: never; "
+                        "cuda: GPUs required")
     return p
 
 
@@ -185,13 +188,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         cli = {"run_id": args.run_id, "checkpoint": args.checkpoint and str(Path(args.checkpoint).resolve()),
                "split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed, "skip": skip,
                "max": args.max, "shard_size": args.shard_size, "tracking_uri": tracking_uri,
-               "data_root": args.data_root}
+               "data_root": args.data_root, "device": args.device}
         started = _init_ray(args.address)
         try:
             df = certify_with_pool(trainable, data, indices, out_dir=out, split=split, n0=n0, n=n,
                                    alpha=alpha, batch=batch, seed=seed, actors=args.actors, resume=True,
                                    progress=not args.no_progress, shard_size=args.shard_size, source=source,
-                                   extra={"cli": cli})
+                                   extra={"cli": cli}, device=args.device or "auto")
         finally:
             if started:
                 import ray

@@ -147,7 +147,7 @@ def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
         cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
                          seed=setup.seed, selection=setup.selection, n0=budget.search_n0, n=budget.search_n,
                          alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=setup.tracking_uri,
-                         run_id=run_id, device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu",
+                         run_id=run_id, device="auto",   # trainables.device.session_device: Ray's GPU or the CPU
                          report_extra={RUN_ID_KEY: run_id})   # the driver maps Tune results to runs with it
         if setup.workers == 1:
             run_training(cfg, data, TuneSession())

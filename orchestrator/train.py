@@ -2,7 +2,7 @@
 
     python -m orchestrator.train NAME [--dataset D] [--set key=value ...] [--workers N] [--budget B] [--seed S]
         [--select train-domain|oracle] [--data-root P] [--tracking-uri URI] [--experiment NAME]
-        [--address ADDR] [--storage DIR]
+        [--address ADDR] [--storage DIR] [--device auto|cpu|cuda]
 
 - `--workers 1` (default): the training loop (orchestrator/train_loop.py) runs in this process, no Ray: a
   TorchTrainer start-up costs 10-20 s on a 2-core machine and one process is all one CPU worker needs.
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--address", help="Ray cluster for --workers >= 2 (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--storage", help="Ray Train storage for --workers >= 2 (default ~/ray_results)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:K; with --workers >= 2 Ray Train "
+                        "gives each worker its GPU (trainables.device)")
     return p
 
 
@@ -73,21 +76,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         hparams = resolve(cls.HPARAMS, parse_sets(args.set), owner=args.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from trainables.device import check_spec, resolve_device
+    try:   # one process: this machine must have the device; Ray workers: the cluster's GPUs, checked below
+        resolve_device(args.device) if args.workers == 1 else check_spec(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     budget = get_budget(args.budget)
     epochs = budget.epochs_for(args.name, dataset)
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
     splits = load_splits(dataset, args.data_root, budget)
     selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples)
     data = loop_data(splits, selection)
+    if args.workers > 1 and int(hparams.get("batch_size", 1)) < len(data.train):
+        from orchestrator.train_loop import check_world
+        try:
+            check_world(int(hparams["batch_size"]), args.workers)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     started = init_ray(args.address) if args.workers > 1 else False
     if args.workers > 1:
         from orchestrator.cli_common import cluster_cpus_gpus
         cpus, gpus = cluster_cpus_gpus()
-        if gpus < args.workers and cpus < args.workers:
+        wants_gpu = args.device.startswith("cuda")
+        short = (gpus < args.workers) if wants_gpu else (gpus < args.workers and cpus < args.workers)
+        if short:
             if started:
                 import ray
                 ray.shutdown()
-            raise UsageError(f"--workers {args.workers} needs {args.workers} CPUs; the cluster has {int(cpus)}")
+            kind, have = ("GPUs", gpus) if wants_gpu else ("CPUs", cpus)
+            raise UsageError(f"--workers {args.workers} needs {args.workers} {kind}; the cluster has {int(have)}")
 
     cl = mlflow_utils.client(tracking_uri)
     experiment = args.experiment or dataset
@@ -105,14 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "search_examples": len(selection.sel_indices), "seed": args.seed})
         cfg = LoopConfig(trainable=args.name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
-                         alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=tracking_uri, run_id=run_id)
+                         alpha=budget.alpha, cert_batch=budget.cert_batch, tracking_uri=tracking_uri, run_id=run_id,
+                         device=args.device)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="train-") as tmp:
             if args.workers == 1:
                 session = LocalSession(tmp)
                 last = run_training(cfg, data, session)
                 checkpoint_file = str(Path(tmp) / "model.pt")
-                rows = _certify(checkpoint_file, splits, selection, budget, args.seed)
+                rows = _certify(checkpoint_file, splits, selection, budget, args.seed, args.device)
             else:
                 last, checkpoint_dir = _fit_torch_trainer(cfg, data, args, run_id)
                 with checkpoint_dir.as_directory() as d:
@@ -147,9 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _certify(checkpoint_file: str, splits, selection, budget, seed: int):
+def _certify(checkpoint_file: str, splits, selection, budget, seed: int, device: str = "auto"):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
-                         n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
+                         n=budget.final_n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed, device=device)
 
 
 def _fit_torch_trainer(cfg, data, args, run_id: str):
@@ -161,7 +179,7 @@ def _fit_torch_trainer(cfg, data, args, run_id: str):
     from orchestrator.cli_common import cluster_cpus_gpus
     from orchestrator.train_loop import train_worker
 
-    use_gpu = cluster_cpus_gpus()[1] >= args.workers
+    use_gpu = args.device != "cpu" and cluster_cpus_gpus()[1] >= args.workers   # each worker: one whole GPU
     storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
     trainer = TorchTrainer(
         train_worker, train_loop_config={"cfg": cfg, "data": ray.put(data)},

@@ -12,6 +12,19 @@ hold-out) with the search settings and reports {epoch, val_acr, val_clean_acc} w
   sharded by rank, the network wrapped by `ray.train.torch.prepare_model`. Inside a sweep the trainer's
   reports reach Tune through TuneReportCallback.
 
+Data parallelism (W ranks: TrainSession, or ProcessGroupSession inside any torch.distributed group) trains the
+single-process recipe: the recipe's batch_size B is the GLOBAL batch (B/W per rank; W must divide B), each epoch's
+permutation is cut into global batches and rank r takes rows r, r+W, ... of each (DistributedSampler's sharding,
+padded so every rank makes the same number of steps); the noise of every example is keyed by (seed, epoch, its
+position in the epoch's stream) (trainables/batchkeys.py), so W ranks draw the noise one process draws; DRF's λ
+and GLEAN's per-environment terms are computed over the global batch (trainables/distributed.py); the reported
+training metrics are averaged over ranks; the validation certification is shared out over the ranks and gathered
+(example i's certificate depends only on (seed, i), so the rows equal one process's). Batch norm: on GPUs the
+network's BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process); torch's
+SyncBatchNorm has no CPU implementation, so on CPU ranks each rank normalises its own B/W examples (stated
+departure; DDP broadcasts rank 0's running statistics). tests/test_ddp.py proves the equivalence.
+Devices: trainables.device.session_device(cfg.device) (contract C1).
+
 Checkpoints are directories holding `model.pt` written by trainables.checkpoint.save (self-describing: the
 certify CLI can load it); they go through the Ray checkpoint API and are read back on resume by
 `session.get_checkpoint()`, which restarts at the saved epoch.
@@ -36,6 +49,7 @@ from typing import Any, Iterator
 import torch
 
 from orchestrator import tracking
+from trainables.batchkeys import BatchKeys
 from trainables.data import DataInfo
 
 CHECKPOINT_FILE = "model.pt"
@@ -57,7 +71,7 @@ class LoopConfig:
     cert_batch: int = 1000
     tracking_uri: str | None = None       # MLflow: per-epoch metrics and final artifacts go to run_id
     run_id: str | None = None
-    device: str = "cpu"
+    device: str = "auto"                  # trainables.device.session_device's spec: auto | cpu | cuda[:K]
     report_extra: dict[str, Any] = field(default_factory=dict)   # added to every report (e.g. the MLflow run id)
 
 
@@ -123,6 +137,47 @@ class TuneSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
+class ProcessGroupSession(LocalSession):
+    """Inside an already initialised torch.distributed process group without Ray (torchrun, or the test's
+    torch.multiprocessing ranks): DDP wrapping by torch itself; reports kept in memory, rank 0's checkpoint
+    copied to `checkpoint_dir`."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None):
+        import torch.distributed as dist
+
+        super().__init__(checkpoint_dir if dist.get_rank() == 0 else None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def wrap(self, net):
+        return ddp_wrap(net) if self.world > 1 else net
+
+
+def ddp_wrap(net):
+    """DDP around `net` on its device (device_ids only for a GPU), BatchNorm synchronised where torch can."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trainables.device import is_cuda
+
+    device = next(net.parameters()).device
+    net = sync_batchnorm(net, device)
+    return DistributedDataParallel(net, device_ids=[device.index] if is_cuda(device) else None)
+
+
+def sync_batchnorm(net, device):
+    """BatchNorm -> SyncBatchNorm on GPUs (the global batch's statistics, as one process), in place (the new
+    layers share the parameters and buffers, so the optimiser and the state dict are unchanged); unchanged on
+    CPUs, where torch's SyncBatchNorm does not run (module docstring)."""
+    from torch import nn
+
+    from trainables.device import is_cuda
+
+    if not is_cuda(device) or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return net
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert converted is net, "the network's root is a BatchNorm layer: not supported"
+    return net
+
+
 class TrainSession:
     """Inside a Ray Train worker (TorchTrainer): every rank reports, rank 0 attaches the checkpoint."""
 
@@ -140,7 +195,9 @@ class TrainSession:
     def wrap(self, net):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(net) if self.world > 1 else net
+        if self.world == 1:
+            return net
+        return ray.train.torch.prepare_model(sync_batchnorm(net, next(net.parameters()).device))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -186,25 +243,57 @@ def materialize(ds, limit_bytes: int = 2 << 30) -> tuple[torch.Tensor, torch.Ten
     return x.float(), y.long(), d.long()
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-                  ) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch: a permutation seeded by (seed, epoch), rank r taking positions r::world
-    (DistributedSampler's sharding, padded so every rank makes the same number of steps: DDP needs that)."""
+def check_world(batch_size: int, world: int) -> None:
+    """The recipe's batch is the global batch: W ranks take B/W each, so W must divide B (ValueError)."""
+    if world > 1 and int(batch_size) % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {world} workers: each of the W data-parallel "
+                         f"workers takes batch_size/W examples of the recipe's batch; choose W dividing it")
+
+
+def epoch_steps(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+                ) -> Iterator[tuple[torch.Tensor, BatchKeys]]:
+    """(this rank's example indices, their BatchKeys) for each step of one epoch.
+
+    The epoch's permutation is seeded by (seed, epoch) and cut into global batches of `batch_size` (the last may
+    be smaller; a batch_size above n means one full batch); rank r takes rows r, r+W, ... of each global batch.
+    With W > 1 the permutation is padded with its first examples to a multiple of W (DistributedSampler), so
+    every rank makes the same number of equally sized steps (DDP needs that); W must divide batch_size."""
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFFFFFFFFFF)
     perm = torch.randperm(n, generator=g)
     if world > 1:
-        per_rank = -(-n // world)
-        perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
+        perm = torch.cat([perm, perm[: -(-n // world) * world - n]])
     batch_size = max(1, min(int(batch_size), len(perm)))
-    for i in range(0, len(perm), batch_size):
-        yield perm[i:i + batch_size]
+    if batch_size < len(perm):
+        check_world(batch_size, world)
+    for step, start in enumerate(range(0, len(perm), batch_size)):
+        batch = perm[start:start + batch_size]
+        rows = torch.arange(rank, len(batch), world)
+        yield batch[rows], BatchKeys(int(seed), int(epoch), step, rows, len(batch))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+                  ) -> Iterator[torch.Tensor]:
+    """The index batches of `epoch_steps` (this rank's examples of each global batch)."""
+    for idx, _ in epoch_steps(n, batch_size, seed, epoch, rank, world):
+        yield idx
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
-def certify_selection(trainable, data: LoopData, cfg: LoopConfig):
-    """Certified rows of the selection examples with the search settings (objective of the search)."""
-    return trainable.certifier().certify_many(data.sel_x, data.sel_y.tolist(), data.sel_idx, n0=cfg.n0, n=cfg.n,
-                                              alpha=cfg.alpha, batch_size=cfg.cert_batch, seed=cfg.seed)
+def certify_selection(trainable, data: LoopData, cfg: LoopConfig, rank: int = 0, world: int = 1):
+    """Certified rows of the selection examples with the search settings (objective of the search).
+
+    With W ranks each certifies examples rank, rank+W, ... and the rows are gathered on every rank in the
+    examples' order: example i's noise is seeded by (seed, i), so the rows are one process's."""
+    from trainables.distributed import gather_objects
+
+    part = slice(rank, None, world)
+    rows = trainable.certifier().certify_many(data.sel_x[part], data.sel_y[part].tolist(), data.sel_idx[part],
+                                              n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.cert_batch,
+                                              seed=cfg.seed)
+    if world == 1:
+        return rows
+    shards = gather_objects(rows)
+    return [shards[i % world][i // world] for i in range(len(data.sel_idx))]
 
 
 def selection_metrics(rows) -> dict[str, float]:
@@ -220,10 +309,16 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
     from trainables import checkpoint as ckpt_io
     from trainables.registry import get_trainable
 
+    from trainables.batchkeys import mix
+    from trainables.device import session_device
+    from trainables.distributed import mean_metrics
+
     rank0 = session.rank == 0
     torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (DDP also broadcasts)
     cls = get_trainable(cfg.trainable)
-    trainable = cls(cfg.hparams, data.info, epochs=cfg.epochs, device=cfg.device)
+    trainable = cls(cfg.hparams, data.info, epochs=cfg.epochs, device=session_device(cfg.device))
+    if session.rank:   # draws not keyed by BatchKeys (e.g. SmoothMix's mixing weights) must differ between ranks
+        torch.manual_seed(mix(cfg.seed, session.rank))
     start = 0
     restored = session.get_checkpoint()
     if restored is not None:
@@ -241,13 +336,16 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
     tensors = materialize(data.train)
     n_train = len(tensors[1]) if tensors is not None else len(data.train)
     batch_size = int(trainable.hparams.get("batch_size", 256))
+    if batch_size < n_train:
+        check_world(batch_size, session.world)
     history: list[tuple[int, dict[str, float]]] = []
     last: dict[str, Any] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        for idx in epoch_batches(n_train, batch_size, cfg.seed, epoch, session.rank, session.world):
+        for idx, keys in epoch_steps(n_train, batch_size, cfg.seed, epoch, session.rank, session.world):
+            trainable.set_batch_keys(keys)
             if tensors is not None:
                 x, y, d = (t[idx] for t in tensors)
             else:
@@ -259,6 +357,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         epoch_metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         epoch_metrics.update({k: float(v) for k, v in trainable.end_epoch(epoch).items()})
         epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        epoch_metrics = mean_metrics(epoch_metrics, maximum=("epoch_time_s",))   # over ranks (identity in one)
         done = epoch + 1
         history.append((done, epoch_metrics))
         if done not in cfg.eval_epochs and done != cfg.epochs:
@@ -267,9 +366,9 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
                                   **{f"train_{k}": v for k, v in epoch_metrics.items()}}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            rows = certify_selection(trainable, data, cfg, session.rank, session.world)
+            report.update(selection_metrics(rows))
             if rank0:
-                rows = certify_selection(trainable, data, cfg)
-                report.update(selection_metrics(rows))
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
                 if mlflow is not None:
@@ -313,5 +412,6 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-__all__ = ["LoopConfig", "LoopData", "LocalSession", "TuneSession", "TrainSession", "run_training",
-           "train_worker", "materialize", "epoch_batches", "describe_exception", "CHECKPOINT_FILE"]
+__all__ = ["LoopConfig", "LoopData", "LocalSession", "TuneSession", "TrainSession", "ProcessGroupSession",
+           "run_training", "train_worker", "materialize", "epoch_batches", "epoch_steps", "check_world", "ddp_wrap",
+           "certify_selection", "describe_exception", "CHECKPOINT_FILE"]

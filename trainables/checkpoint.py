@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trainables.data import DataInfo
+from trainables.device import HOST
 
 FORMAT = "smoothing-orchestrator/1"
 
@@ -52,7 +53,7 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = torch.load(path, map_location=HOST, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); "
                               "it may be truncated or corrupt: retrain or use another checkpoint") from None
@@ -61,8 +62,9 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     return blob
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
-    """Rebuild the trainable stored at `path`, weights loaded. Returns (trainable, checkpoint dict)."""
+def load(path: str | os.PathLike, device: "str | torch.device" = HOST):
+    """Rebuild the trainable stored at `path`, weights loaded, on `device` (read onto the host, then moved:
+    trainables.device). Returns (trainable, checkpoint dict)."""
     from trainables.registry import get_trainable
 
     blob = read(path)

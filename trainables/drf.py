@@ -32,7 +32,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Mapping
 
+import torch
+
 from trainables.attacks import l2_distance, smoothed_pgd
+from trainables.distributed import gather_in_order
 from trainables.consistency import Consistency
 from trainables.hparams import HParam
 from trainables.smoothadv import SmoothAdv
@@ -68,7 +71,10 @@ class _Drf:
         return smoothed_pgd(self.net, x, y, noises, steps=steps, step_size=2 * eps / steps, lam=self.lam)
 
     def after_step(self, x, x_in):
-        self.recent.extend(l2_distance(x_in, x).tolist())
+        # data-parallel: every rank adds the whole global chunk's distances in one process's order, so λ is
+        # the same on every rank and equal to one process's λ (trainables/distributed.py)
+        rows = self.batch_keys.rows if self.batch_keys is not None else torch.arange(len(x))
+        self.recent.extend(gather_in_order(l2_distance(x_in, x), rows).tolist())
         self.lam = lambda_step(self.lam, float(self.hparams["zeta"]), self.epsilon_now, self.recent)
 
     def train_chunk(self, x, y):

@@ -61,7 +61,9 @@ from torch import nn
 from trainables.base import Trainable
 from trainables.data import DataInfo
 from trainables.hparams import HParam
-from trainables.irm import ESTIMATORS, irm_penalty
+from trainables.device import HOST
+from trainables.distributed import global_env_terms
+from trainables.irm import ESTIMATORS
 from trainables.lipschitz import (CayleyConv2d, GlobalAvgPool, MaxMin, lipschitz_constant, orthogonal_linear)
 from trainables.models import Normalize
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, CertRow, Smooth
@@ -99,10 +101,11 @@ class GleanNet(nn.Module):
         self.encoder, self.head = encoder, head
         self.input_shape = tuple(input_shape)
 
-    def forward(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: standard normal [B, k] to scale by sigma (default: drawn here from torch's generator)."""
         z = self.encoder(x)
         if sigma:
-            z = z + sigma * torch.randn_like(z)
+            z = z + sigma * (torch.randn_like(z) if noise is None else noise)
         return self.head(z)
 
     @torch.no_grad()
@@ -120,7 +123,7 @@ class GleanNet(nn.Module):
                 plain.weight.copy_(layer.weight)
                 if layer.bias is not None:
                     plain.bias.copy_(layer.bias)
-                layers.append(plain.to(layer.bias.device if layer.bias is not None else "cpu"))
+                layers.append(plain.to(layer.weight.device))
             else:
                 layers.append(copy.deepcopy(layer))
         return GleanNet(nn.Sequential(*layers), copy.deepcopy(self.head), self.input_shape).eval()
@@ -166,7 +169,7 @@ class Glean(Trainable):
     DEFAULT_DATASET = "cmnist"
     DATASETS = ("cmnist", "celeba", "domainnet")
 
-    def __init__(self, hparams, info: DataInfo, epochs: int = 1, device="cpu"):
+    def __init__(self, hparams, info: DataInfo, epochs: int = 1, device=HOST):
         if info.num_train_domains < 2:
             raise ValueError(
                 f"glean needs >= 2 training environments (IRM needs >= 2 training environments to compare "
@@ -195,25 +198,24 @@ class Glean(Trainable):
     def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
                   ) -> tuple[torch.Tensor, dict[str, float]]:
         """Eq. 8 as stated in the module docstring for logits already computed on noisy latents."""
-        risks, penalties, accs = [], [], []
-        for env in torch.unique(d):
-            m = d == env
-            risks.append(F.cross_entropy(logits[m], y[m]))
-            penalties.append(irm_penalty(logits[m], y[m], self.hparams["penalty_estimator"]))
-            accs.append((logits[m].argmax(1) == y[m]).float().mean())
-        risk, penalty = torch.stack(risks).mean(), torch.stack(penalties).mean()
+        # per-environment terms over the GLOBAL batch (all ranks' examples: the full-batch estimator of one
+        # process; identity without data parallelism), trainables/distributed.py
+        rows = self.batch_keys.rows if self.batch_keys is not None else None
+        risks, penalties, accs = global_env_terms(logits, y, d, self.info.num_train_domains,
+                                                  self.hparams["penalty_estimator"], rows)
+        risk, penalty = risks.mean(), penalties.mean()
         l2 = sum(p.pow(2).sum() for p in self.l2_parameters())
         weight = self.penalty_weight()
         loss = risk + self.hparams["l2"] * l2 + weight * penalty
         if weight > 1.0:
             loss = loss / weight   # keeps gradients in range (IRM reference)
         return loss, {"risk": risk.item(), "penalty": penalty.item(), "penalty_weight": weight,
-                      "train_acc": torch.stack(accs).mean().item()}
+                      "train_acc": accs.mean().item()}
 
     def update(self, x, y, d):
         self.model.train()
         x, y, d = x.to(self.device), y.to(self.device), d.to(self.device)
-        logits = self.model(x, self.sigma)
+        logits = self.model(x, self.sigma, self.example_noise(x, shape=(self.net.head.in_features,)))
         loss, metrics = self.objective(logits, y, d)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
