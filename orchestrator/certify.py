@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from orchestrator import tracking
+from trainables.device import DEVICE_CHOICES
 from orchestrator.pool import CertifyInputError, certify_with_pool, load_model, model_fingerprint, \
     read_manifest, validate_settings
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0
@@ -59,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset root (default: trainables.data's resolution)")
     p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+    p.add_argument("--device", default=None, choices=DEVICE_CHOICES,
                    help="auto: the actors use the cluster's GPUs when it has some (default); cpu: never; "
-                        "cuda: GPUs required")
+                        "cuda (GPUs required: exit 2 on a cluster without one)")
     return p
 
 

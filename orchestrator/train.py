@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hparams = resolve(cls.HPARAMS, parse_sets(args.set), owner=args.name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    from trainables.device import check_spec, resolve_device
+    from trainables.device import check_spec, is_host, resolve_device
     try:   # one process: this machine must have the device; Ray workers: the cluster's GPUs, checked below
         resolve_device(args.device) if args.workers == 1 else check_spec(args.device)
     except ValueError as exc:
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         from orchestrator.cli_common import cluster_cpus_gpus
         cpus, gpus = cluster_cpus_gpus()
-        wants_gpu = args.device.startswith("cuda")
+        wants_gpu = args.device != "auto" and not is_host(args.device)
         short = (gpus < args.workers) if wants_gpu else (gpus < args.workers and cpus < args.workers)
         if short:
             if started:
@@ -179,7 +179,9 @@ def _fit_torch_trainer(cfg, data, args, run_id: str):
     from orchestrator.cli_common import cluster_cpus_gpus
     from orchestrator.train_loop import train_worker
 
-    use_gpu = args.device != "cpu" and cluster_cpus_gpus()[1] >= args.workers   # each worker: one whole GPU
+    from trainables.device import is_host
+    on_host = args.device != "auto" and is_host(args.device)
+    use_gpu = not on_host and cluster_cpus_gpus()[1] >= args.workers   # each worker: one whole GPU
     storage = Path(args.storage or os.environ.get("RAY_STORAGE") or Path.home() / "ray_results").expanduser().resolve()
     trainer = TorchTrainer(
         train_worker, train_loop_config={"cfg": cfg, "data": ray.put(data)},

@@ -22,7 +22,7 @@ training metrics are averaged over ranks; the validation certification is shared
 (example i's certificate depends only on (seed, i), so the rows equal one process's). Batch norm: on GPUs the
 network's BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process); torch's
 SyncBatchNorm has no CPU implementation, so on CPU ranks each rank normalises its own B/W examples (stated
-departure; DDP broadcasts rank 0's running statistics). tests/test_ddp.py proves the equivalence.
+departure; the running statistics are averaged over the ranks before each evaluation and checkpoint). tests/test_ddp.py proves the equivalence.
 Devices: trainables.device.session_device(cfg.device) (contract C1).
 
 Checkpoints are directories holding `model.pt` written by trainables.checkpoint.save (self-describing: the
@@ -311,7 +311,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
 
     from trainables.batchkeys import mix
     from trainables.device import session_device
-    from trainables.distributed import mean_metrics
+    from trainables.distributed import average_buffers, mean_metrics
 
     rank0 = session.rank == 0
     torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (DDP also broadcasts)
@@ -366,6 +366,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         report: dict[str, Any] = {**cfg.report_extra, tracking.EPOCH: done, "world_size": session.world,
                                   **{f"train_{k}": v for k, v in epoch_metrics.items()}}
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            average_buffers(trainable.net)   # one model on every rank (per-rank BatchNorm statistics on CPUs)
             rows = certify_selection(trainable, data, cfg, session.rank, session.world)
             report.update(selection_metrics(rows))
             if rank0:

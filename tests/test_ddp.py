@@ -49,6 +49,7 @@ SABOTAGE: dict[str, tuple[str, str]] = {
     "GLEAN all-reduce": ("glean", "trainables.distributed.all_reduce_sum"),
     "GLEAN gradient scale": ("glean", "trainables.distributed.scaled_for_ddp"),
     "GLEAN global halves": ("glean-two-half", "trainables.distributed.env_ordinals"),
+    "BatchNorm statistics average": ("gaussian-bn", "trainables.distributed.average_buffers"),
 }
 EPOCHS = 2
 RTOL = 1e-5
@@ -59,6 +60,8 @@ def _identity_for(target: str):
         return lambda self, keys: None
     if target.endswith("mean_metrics"):
         return lambda metrics, maximum=(): dict(metrics)
+    if target.endswith("average_buffers"):
+        return lambda module: None
     if target.endswith("gather_in_order"):
         return lambda values, rows: values
     if target.endswith("env_ordinals"):
@@ -96,15 +99,14 @@ def _outcome(case: str, session, device: str = "cpu") -> dict:
     cls = get_trainable(_config(case).trainable)
     end_epoch = cls.end_epoch
 
-    def capture(self, epoch):   # the trainable's state after its last epoch
-        out = end_epoch(self, epoch)
-        captured["lam"] = getattr(self, "lam", None)
-        captured["params"] = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        return out
+    def capture(self, epoch):   # keep the trainable, to read its final state (after the last evaluation)
+        captured["trainable"] = self
+        return end_epoch(self, epoch)
 
     with mock.patch.object(cls, "end_epoch", capture):
         report = run_training(_config(case, device), _data(case), session)
-    return {"params": captured["params"], "lam": captured["lam"],
+    t = captured["trainable"]
+    return {"params": {k: v.detach().clone() for k, v in t.net.state_dict().items()}, "lam": getattr(t, "lam", None),
             "report": {k: v for k, v in report.items() if isinstance(v, float) and "time" not in k}}
 
 
@@ -191,7 +193,7 @@ def _differences(ranks: list, single: dict) -> list[str]:
 def test_two_gloo_ranks_train_what_one_process_trains(case, two_ranks, one_process):
     ranks, single = two_ranks[(case, None)], one_process[case]
     assert _differences(ranks, single) == []
-    assert "val_acr" in single["report"] and ranks[0]["report"]["val_acr"] == single["report"]["val_acr"]
+    assert "val_acr" in single["report"]   # compared with the other figures (1e-5 relative) above
     if case == "drf-smoothadv":   # λ moved (κ = 5 < the chunk of 8: the FIFO and its order matter)
         assert single["lam"] != CASES[case][2].get("lam0", 1.0)
 
@@ -199,12 +201,16 @@ def test_two_gloo_ranks_train_what_one_process_trains(case, two_ranks, one_proce
 @pytest.mark.parametrize("what", list(SABOTAGE))
 def test_the_comparison_fails_without_each_collective(what, two_ranks, one_process):
     case, target = SABOTAGE[what]
-    assert _differences(two_ranks[(case, target)], one_process[case]), f"removing the {what} went unnoticed"
+    diffs = _differences(two_ranks[(case, target)], one_process[case])
+    if case == "gaussian-bn":   # differs from one process anyway (per-rank statistics): the ranks must split
+        diffs = [d for d in diffs if d == "ranks' parameters differ"]
+    assert diffs, f"removing the {what} went unnoticed"
 
 
 def test_batch_norm_on_cpu_ranks_uses_per_rank_statistics(two_ranks, one_process):
     """The stated choice: on CPUs each rank normalises its B/W examples. Ranks stay identical (DDP averages the
-    gradients and broadcasts rank 0's buffers), but they train something slightly different from one process."""
+    gradients; the running statistics are averaged before evaluation), but they train something slightly
+    different from one process."""
     ranks, single = two_ranks[("gaussian-bn", None)], one_process["gaussian-bn"]
     assert _max_rel(ranks[0]["params"], ranks[1]["params"]) == 0.0
     assert _max_rel(ranks[0]["params"], single["params"]) > RTOL
@@ -220,7 +226,8 @@ def test_sync_batchnorm_conversion_for_gpus_keeps_parameters_and_state_keys():
         isinstance(m, nn.SyncBatchNorm) for m in net.modules())               # CPU: unchanged
     out = sync_batchnorm(net, torch.device("cuda", 0))                      # conversion itself needs no GPU
     assert out is net
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in net.modules()) == 109
+    bn = sum(type(m) is nn.BatchNorm2d for m in build_model("resnet110", TINY_CIFAR).modules())
+    assert bn > 100 and sum(isinstance(m, nn.SyncBatchNorm) for m in net.modules()) == bn
     assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
     assert list(net.state_dict()) == keys and [id(p) for p in net.parameters()] == params
 

@@ -82,7 +82,7 @@ def _device_literals(path: Path) -> list[str]:
             value = eval(tok.string)   # noqa: S307 (a literal from our own source)
         except Exception:
             continue
-        if not isinstance(value, str) or value.lower() not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        if not isinstance(value, str) or value not in ("cpu", "cuda") and not value.startswith("cuda:"):
             continue
         nxt = next((t for t in toks[i + 1:] if t.type not in (tokenize.NL, tokenize.NEWLINE)), None)
         if nxt is not None and nxt.string == ":":

@@ -73,26 +73,31 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 def _in_train_worker() -> bool:
-    """True inside a Ray Train worker's training function (V1 or V2 sessions)."""
+    """True inside a Ray Train worker's training function (Train V2, Ray 2.60's default; V1 sessions too)."""
     try:
         import ray
         if not ray.is_initialized():
             return False
-        import ray.train
-        ray.train.get_context().get_world_size()
-        from ray.train.torch import get_device  # noqa: F401  (available where a Train context is)
-        return _train_context_is_real()
+    except Exception:
+        return False
+    try:
+        from ray.train.v2._internal.util import _in_ray_train_worker
+        if _in_ray_train_worker():
+            return True
+    except Exception:
+        pass
+    try:
+        from ray.train._internal.session import get_session
+        return get_session() is not None and not _in_tune_trial_only()
     except Exception:
         return False
 
 
-def _train_context_is_real() -> bool:
-    # Outside a Train worker Ray 2.60 still hands out a default context object; a real worker has a
-    # trial/run name and the torch backend set up by TorchTrainer (torch.distributed or a 1-worker group).
+def _in_tune_trial_only() -> bool:
+    # V1 Train and Tune function trials share the session object; a Tune trial is not a Train worker
     try:
-        import ray.train
-        ctx = ray.train.get_context()
-        return bool(ctx.get_experiment_name())
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+        return _in_tune_session()
     except Exception:
         return False
 

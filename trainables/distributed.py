@@ -154,6 +154,20 @@ def global_env_terms(logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor, num
     return scaled_for_ddp(risks[present]), scaled_for_ddp(penalties[present]), accs[present]
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Replace every floating-point buffer (BatchNorm running statistics) by its mean over the ranks, in place.
+    Ranks that normalise their own examples (BatchNorm without SyncBatchNorm) update their running statistics
+    from their own shard; evaluation and checkpoints need one model. The running means' average is exactly the
+    running mean of the global batch's means (equal shards)."""
+    if not _active():
+        return
+    w = world()[1]
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                buf.copy_(all_reduce_sum(buf) / w)
+
+
 def mean_metrics(metrics: dict[str, float], maximum: Sequence[str] = ()) -> dict[str, float]:
     """Metrics averaged over ranks (keys in `maximum`: the maximum, e.g. wall times). Every rank must pass the
     same keys (each rank's dict comes from the same code); keys missing on a rank are averaged over the others."""
@@ -186,4 +200,5 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 __all__ = ["world", "all_reduce_sum", "gather_in_order", "scaled_for_ddp", "env_ordinals", "global_env_terms",
+           "average_buffers",
            "mean_metrics", "gather_objects", "broadcast_object", "HOST"]
