@@ -57,6 +57,8 @@ def test_the_gpu_ray_assigned_is_found_through_cuda_visible_devices(monkeypatch)
 
     monkeypatch.setattr(D, "cuda_available", lambda: True)
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(D, "_in_train_worker", lambda: False)   # (asking Ray would start one: none runs here)
+    monkeypatch.setattr(D, "_in_ray_worker", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")            # Ray's default: only the assigned GPU visible
     assert D.ray_assigned_gpu() == torch.device("cuda", 0)

@@ -47,7 +47,7 @@ def test_train_torchtrainer_two_workers(ray_local, mlflow_uri, tmp_path, capsys)
 
 
 def test_ranks_see_disjoint_shards_of_the_same_permutation():
-    shards = [torch.cat(list(epoch_batches(10, 3, seed=1, epoch=2, rank=r, world=2))) for r in (0, 1)]
+    shards = [torch.cat(list(epoch_batches(10, 4, seed=1, epoch=2, rank=r, world=2))) for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 5
     assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(range(10))
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
