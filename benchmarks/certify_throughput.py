@@ -38,6 +38,7 @@ from torch import nn  # noqa: E402
 
 from trainables.data import DataInfo  # noqa: E402
 from trainables.models import build_model  # noqa: E402
+from trainables.device import DEVICE_CHOICES, is_cuda, resolve_device, synchronize  # noqa: E402
 from trainables.smoothing import Smooth  # noqa: E402
 
 MNIST = DataInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,))
@@ -45,8 +46,7 @@ SIGMA = 0.25
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
 
 
 def reference_certify(model: nn.Module, x: torch.Tensor, n0: int, n: int, alpha: float, batch: int,
@@ -120,18 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="the reference-style loop's noise batch (default 1000, Cohen et al.'s --batch)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="alternating timings of each contender (default 3)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="auto (a GPU when there is one), cpu or cuda (trainables.device)")
     p.add_argument("--ablation", action="store_true",
                    help="also time certify_many without channels-last and without forward slicing")
     args = p.parse_args(argv)
     for name in ("n", "n0", "examples", "batch", "ref_batch", "threads", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is visible to torch")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
 
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model("lenet", MNIST).to(device).eval()
     xs = torch.rand((args.examples, *MNIST.input_shape), generator=torch.Generator().manual_seed(1))
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     flops = flops_per_forward(model, MNIST.input_shape, device)
 
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+    print(f"device {device} ({torch.cuda.get_device_name(device) if is_cuda(device) else 'CPU'}), "
           f"torch threads {args.threads}, torch {torch.__version__}; "
           f"load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (1-min)")

@@ -28,6 +28,7 @@ from orchestrator import cli_common, defaults, tracking
 from orchestrator.cli_common import check_reachable, install_signal_handlers, run_main
 from orchestrator.pool import CertifyInputError, certify_with_pool, check_out_dir, check_resume, \
     examples_sha256, load_model, model_fingerprint, read_manifest, validate_settings
+from trainables.device import DEVICE_CHOICES
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0
 
 DEFAULT_OUT_ROOT = "certify-out"
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset root (default: trainables.data's resolution)")
     p.add_argument("--address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, choices=DEVICE_CHOICES,
+                   help="auto: the actors use the cluster's GPUs when it has some (default); cpu: never; "
+                        "cuda (GPUs required: exit 2 on a cluster without one)")
     return p
 
 
@@ -211,13 +215,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         cli = {"run_id": args.run_id, "checkpoint": args.checkpoint and str(Path(args.checkpoint).resolve()),
                "split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed, "skip": skip,
                "max": args.max, "shard_size": args.shard_size, "tracking_uri": tracking_uri,
-               "data_root": args.data_root}
+               "data_root": args.data_root, "device": args.device}
         started = _init_ray(args.address)
         try:
             df = certify_with_pool(trainable, data, indices, out_dir=out, split=split, n0=n0, n=n,
                                    alpha=alpha, batch=batch, seed=seed, actors=args.actors, resume=True,
                                    progress=not args.no_progress, shard_size=args.shard_size, source=source,
-                                   extra={"cli": cli}, data_identity=identity)
+                                   extra={"cli": cli}, data_identity=identity, device=args.device or "auto")
         finally:
             if started:
                 import ray

@@ -217,7 +217,7 @@ def cluster_cpus_gpus() -> tuple[float, float]:
 
 # --- final certification --------------------------------------------------------------------------------------
 def certify_split(model, dataset, indices: Sequence[int], *, split: str, n0: int, n: int, alpha: float,
-                  batch: int, seed: int, out_dir: str | os.PathLike | None = None):
+                  batch: int, seed: int, out_dir: str | os.PathLike | None = None, device: str = "auto"):
     """Certified rows (CertRow list or Cohen DataFrame) of `dataset[i]` for i in `indices`.
 
     model: a Trainable, or a path to a trainables.checkpoint file. THE ONE PLACE the final test certification
@@ -232,10 +232,12 @@ def certify_split(model, dataset, indices: Sequence[int], *, split: str, n0: int
         from orchestrator.pool import certify_with_pool
 
         return certify_with_pool(model, dataset, list(indices), out_dir=out_dir, split=split, n0=n0, n=n,
-                                 alpha=alpha, batch=batch, seed=seed, progress=False)
+                                 alpha=alpha, batch=batch, seed=seed, progress=False, device=device)
     from trainables import checkpoint as ckpt_io
+    from trainables.device import resolve_device
 
-    trainable = ckpt_io.load(model)[0] if isinstance(model, (str, os.PathLike)) else model
+    trainable = (ckpt_io.load(model, device=resolve_device(device))[0] if isinstance(model, (str, os.PathLike))
+                 else model)
     items = [dataset[i] for i in indices]
     xs = torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items])
     labels = [int(it[1]) for it in items]

@@ -7,8 +7,10 @@ Guarantees
 - Results do not depend on sharding or on the number of actors: example `idx` is certified with noise from a
   generator seeded by (seed, idx) (`Smooth.certify_many`), so 1 actor and 3 actors give the same rows
   (apart from the `time` column).
-- Fault tolerance: actors are `@ray.remote(max_restarts=-1, max_task_retries=-1)`. An actor that dies is
-  restarted by Ray (its `__init__` runs again and reloads the model) and its in-flight shard is rerun.
+- Fault tolerance: actors are `@ray.remote(max_restarts=3, max_task_retries=3)`. An actor that dies is
+  restarted by Ray (its `__init__` runs again and reloads the model) and its in-flight shard is rerun; a shard
+  whose actor dies more often than that (or whose certification raises) ends the run with `ShardFailedError`
+  naming the shard and its examples (finished shards stay on disk: a rerun resumes).
 - Resumability: every finished shard is written to `out_dir/shards/` as soon as it completes, atomically
   (temporary file + `os.replace`), by the driver. A rerun with the same `out_dir` reads the finished shards
   and computes only the others, so a killed driver loses at most the shards that were in flight.
@@ -25,7 +27,8 @@ Resources (choices; the issue leaves them open): by default one actor per CPU of
 the cluster has GPUs). Each actor holds one CPU (a share, CPUs / actors, when there are more actors than CPUs,
 so that all of them can be scheduled) and runs torch with one thread: one single-threaded process per core is
 what measured fastest on this machine (shared/notes/ray-2.60-on-2-cpus.md; benchmarks/RESULTS.md). With GPUs
-each actor also gets GPUs / actors of a GPU and runs on "cuda".
+each actor also gets min(1, GPUs / actors) of a GPU (Ray accepts whole GPUs or a fraction below 1; more actors
+than GPUs share them) and works on the GPU Ray assigned it (trainables.device.session_device).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch
 
 from orchestrator.cli_common import UsageError, install_signal_handlers
 from trainables import checkpoint
+from trainables.device import HOST, accelerator_type, session_device
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, min_certify_n
 
 MANIFEST = "manifest.json"
@@ -61,10 +65,16 @@ DATA_COMPARED = ("dataset", "split", "recipe", "examples_sha256", "num_examples"
 SAMPLES_PER_SHARD = 1_000_000
 #: bytes per chunk of the checkpoint sent to an actor (below Ray's 100 KiB inlining threshold)
 MODEL_CHUNK = 64 << 10
+#: restarts of a dying actor (and retries of its shard) before the run fails naming the shard
+MAX_RESTARTS = 3
 
 
 class CertifyInputError(UsageError, ValueError):
     """Bad input (settings, model, output directory): the CLI prints it on one line and exits with code 2."""
+
+
+class ShardFailedError(RuntimeError):
+    """A shard could not be certified: its actor died more than MAX_RESTARTS times, or certification raised."""
 
 
 # --- settings -----------------------------------------------------------------------------------------------
@@ -159,7 +169,9 @@ class CertifyWorker:
 
     def __init__(self, model_bytes: bytes, threads: int, device: str, *more_bytes: bytes):
         model_bytes = b"".join((model_bytes, *more_bytes))      # the checkpoint in chunks: see _run_pool
+        """device: a spec for trainables.device.session_device ("auto": the GPU Ray assigned, else the CPU)."""
         torch.set_num_threads(threads)
+        device = session_device(device)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.pt"
             path.write_bytes(model_bytes)
@@ -178,12 +190,21 @@ class CertifyWorker:
         return os.getpid()
 
 
-def actor_resources(actors: int | None) -> tuple[int, dict[str, float], int, str]:
-    """(actors, Ray resource options per actor, torch threads per actor, device) for the running cluster."""
-    import ray
-
-    res = ray.cluster_resources()
+def actor_resources(actors: int | None, cluster: Mapping[str, float] | None = None, device: str = "auto"
+                    ) -> tuple[int, dict[str, float], int, str]:
+    """(actors, Ray resource options per actor, torch threads per actor, device type) for the running cluster
+    (or for `cluster`, a `ray.cluster_resources()`-like mapping). The device type ("cpu"/"cuda", from
+    trainables.device) is a manifest setting; each actor resolves its own device from what Ray assigned."""
+    if cluster is None:
+        import ray
+        cluster = ray.cluster_resources()
+    res = cluster
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    kind = torch.device(device).type if device not in (None, "auto") else None
+    if kind == HOST.type:
+        gpus = 0.0                      # --device cpu: the actors never ask for a GPU
+    elif kind is not None and gpus < 1e-9:
+        raise CertifyInputError(f"--device {device} was asked for but the Ray cluster has no GPU")
     if actors is None:
         actors = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus))
     if actors < 1:
@@ -191,8 +212,8 @@ def actor_resources(actors: int | None) -> tuple[int, dict[str, float], int, str
     per_cpu = min(1.0, cpus / actors)   # one core each; a share when there are more actors than CPUs
     options: dict[str, float] = {"num_cpus": per_cpu}
     if gpus > 0:
-        options["num_gpus"] = gpus / actors
-    return actors, options, 1, "cuda" if gpus > 0 else "cpu"
+        options["num_gpus"] = min(1.0, gpus / actors)   # Ray: a whole GPU or a fraction; never 1.5 GPUs
+    return actors, options, 1, accelerator_type() if gpus > 0 else HOST.type
 
 
 # --- output directory ---------------------------------------------------------------------------------------
@@ -361,7 +382,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
                       shard_size: int | None = None, source: str = "", extra: dict | None = None,
                       on_shard: Callable[[ShardDone], None] | None = None,
                       timeout_s: float | None = None,
-                      data_identity: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                      data_identity: Mapping[str, Any] | None = None, device: str = "auto") -> pd.DataFrame:
     """Certify `data[i]` for i in `indices` on a pool of Ray actors; return Cohen's rows sorted by idx.
 
     model: a Trainable (e.g. a sweep's selected model) or a checkpoint path; each actor loads it once.
@@ -377,6 +398,8 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     data_identity: where the data came from (dataset, split, recipe = the loader's options and subsets, root,
       source); recorded in manifest["data"] with the content hash of the examples (examples_sha256), and a
       resume on other data is refused (DATA_COMPARED). out_dir is locked (fcntl) while the pool runs.
+    device: "auto" (the cluster's GPUs when it has some), "cpu" (never a GPU) or "cuda" (GPUs required:
+      CertifyInputError on a cluster without one).
     Starts Ray locally if it is not running. The returned DataFrame's `attrs` hold "shards_computed",
     "shards_reused", "tsv", "manifest" and "fingerprint".
     Raises CertifyInputError for bad settings, an unusable model or a mismatching out_dir.
@@ -386,7 +409,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
             return certify_with_pool(model, data, indices, out_dir=tmp, split=split, n0=n0, n=n, alpha=alpha,
                                      batch=batch, seed=seed, actors=actors, resume=resume, progress=progress,
                                      shard_size=shard_size, source=source, extra=extra, on_shard=on_shard,
-                                     timeout_s=timeout_s, data_identity=data_identity)
+                                     timeout_s=timeout_s, data_identity=data_identity, device=device)
     validate_settings(n0, n, alpha, batch, seed)
     indices = [int(i) for i in indices]
     if not indices:
@@ -412,7 +435,7 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
         install_signal_handlers()      # ray.init replaced the SIGTERM handler (C7)
-    resources = actor_resources(actors)
+    resources = actor_resources(actors, device=device)
     settings = {"split": split, "device": resources[3], "n0": int(n0), "n": int(n), "alpha": float(alpha),
                 "batch": int(batch), "seed": int(seed), "shard_size": int(shard_size),
                 "indices_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
@@ -473,14 +496,17 @@ def _example(data, i: int) -> tuple[torch.Tensor, int]:
 
 def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,
               resources: tuple[int, dict[str, float], int, str], settings: dict, split: str, progress: bool,
-              on_shard: Callable[[ShardDone], None] | None, timeout_s: float | None) -> None:
-    """Hand the shards in `todo` to actors, one in flight per actor, persisting each result as it arrives."""
+              on_shard: Callable[[ShardDone], None] | None, timeout_s: float | None,
+              max_restarts: int = MAX_RESTARTS, worker_cls: type = CertifyWorker) -> None:
+    """Hand the shards in `todo` to actors, one in flight per actor, persisting each result as it arrives.
+    worker_cls: the actor class (tests inject a failing one)."""
     import ray
     from tqdm.auto import tqdm
 
-    num_actors, options, threads, device = resources
+    num_actors, options, threads, device_type = resources
+    device = "auto" if "num_gpus" in options else HOST.type   # the actor takes the GPU Ray assigned it
     num_actors = min(num_actors, len(todo))   # no actor would get a shard
-    remote_cls = ray.remote(max_restarts=-1, max_task_retries=-1)(CertifyWorker)
+    remote_cls = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(worker_cls)
     # The checkpoint travels inside the actor's creation task, as chunks small enough to be inlined (Ray puts an
     # argument above 100 KiB in the object store, and then logs an alarming "actor restart will fail" error for
     # every restartable actor; inlined, a restart finds its arguments in the task spec at the GCS).
@@ -509,7 +535,14 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
                 raise TimeoutError(f"no shard finished within {timeout_s} s ({len(inflight)} in flight)")
             for ref in ready:
                 k, a = inflight.pop(ref)
-                pid, rows = ray.get(ref)
+                try:
+                    pid, rows = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ShardFailedError(
+                        f"certification shard {k} (examples {shards[k][0]}..{shards[k][-1]}, {split} split) "
+                        f"failed after up to {max_restarts} actor restarts: {type(exc).__name__}: {first}; "
+                        f"finished shards are kept, rerun to resume") from None
                 _atomic_write_tsv(rows, shard_path(out, k))
                 computed += 1
                 idle.append(a)

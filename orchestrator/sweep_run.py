@@ -46,7 +46,7 @@ def trial(config: dict[str, Any], setup: SweepSetup, data) -> None:
     cfg = LoopConfig(trainable=name, hparams=space.hparams_for(config), epochs=epochs,
                      eval_epochs=budget.eval_epochs(epochs, name), seed=setup.seed, selection=setup.selection,
                      n0=budget.search_n0, n=budget.search_n, alpha=budget.alpha, cert_batch=budget.cert_batch,
-                     device="cuda" if setup.use_gpu and setup.workers == 1 else "cpu")
+                     device="auto")   # trainables.device.session_device: Ray's GPU or the CPU
     if setup.workers == 1:
         run_training(cfg, _resolve(data), TuneSession())
         return

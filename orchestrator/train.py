@@ -3,7 +3,7 @@
     python -m orchestrator.train NAME [--dataset D] [--set key=value ...] [--workers N] [--budget B] [--seed S]
         [--select train-domain|oracle] [--data-root P] [--tracking-uri URI] [--experiment NAME]
         [--address ADDR] [--storage URI] [--cpus-per-trial C] [--gpus-per-trial G] [--memory-per-trial M]
-        [--max-failures F]
+        [--max-failures F] [--device auto|cpu|cuda]
     python -m orchestrator.train --resume RUN_ID [same store flags]
 
 - `--workers 1` (default): the training loop (orchestrator/train_loop.py) runs in this process, no Ray: a
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster for --workers >= 2 (default RAY_ADDRESS, else a local Ray)")
     p.add_argument("--storage", help="Ray Train storage for --workers >= 2: path or URI (default ~/ray_results; in a Ray job ~/.smoothing-orchestrator/ray_results)")
     cluster.add_resource_flags(p)
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:K; with --workers >= 2 Ray Train "
+                        "gives each worker its GPU (trainables.device)")
     return p
 
 
@@ -115,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hparams = resolve(cls.HPARAMS, overrides, owner=name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    from trainables.device import check_spec, is_host, resolve_device
+    try:   # one process: this machine must have the device; Ray workers: the cluster's GPUs, checked below
+        resolve_device(args.device) if args.workers == 1 else check_spec(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     budget = get_budget(args.budget)
     epochs = budget.epochs_for(name, dataset)
     storage_uri = st.normalize(args.storage)
@@ -126,11 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(name))
     args.select = selection.method      # resolved default (orchestrator/selection.py)
     data = loop_data(splits, selection)
+    if args.workers > 1 and int(hparams.get("batch_size") or 1) < len(data.train):
+        from orchestrator.train_loop import check_world
+        try:
+            check_world(int(hparams["batch_size"]), args.workers)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     started, resources = False, None
     if args.workers > 1:
         started = cluster.connect(args.address)
         try:
-            resources = cluster.trial_resources(1, args.cpus_per_trial, args.gpus_per_trial, args.memory_per_trial)
+            gpus_wanted = 0.0 if is_host(args.device) else args.gpus_per_trial
+            resources = cluster.trial_resources(1, args.cpus_per_trial, gpus_wanted, args.memory_per_trial)
+            if args.device != "auto" and not is_host(args.device) and not resources.use_gpu:
+                raise UsageError(f"--device {args.device}: the cluster has no GPU for the workers (on an "
+                                 "autoscaling cluster pass --gpus-per-trial 1)")
             cpus, gpus = cluster.cluster_cpus_gpus()
             per = resources.trial.get("gpu") or resources.trial["cpu"]
             if per and (gpus if resources.use_gpu else cpus) < per * args.workers and not args.address:
@@ -164,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "search_examples": len(selection.sel_indices), "seed": args.seed})
         cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs, name),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
-                         alpha=budget.alpha, cert_batch=budget.cert_batch)
+                         alpha=budget.alpha, cert_batch=budget.cert_batch, device=args.device)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="train-") as tmp:
             resume_dir = _last_checkpoint(cl, run_id, Path(tmp) / "resume") if args.resume else None
@@ -179,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 last = run_training(cfg, data, LocalSession(ckpt_dir, resume=resume_dir is not None,
                                                             on_report=on_report))
-                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed, name)
+                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed, name,
+                                args.device)
             else:
                 last, rows = _fit_torch_trainer(cfg, data, args, run_id, tracking_uri, storage_uri, resources,
                                                 resume_dir, splits, selection, budget, MLflowTrainCallback)
@@ -225,9 +244,10 @@ def _last_checkpoint(cl, run_id: str, dst: Path) -> Path | None:
     return Path(path).parent
 
 
-def _certify(checkpoint_file: str, splits, selection, budget, seed: int, name: str):
+def _certify(checkpoint_file: str, splits, selection, budget, seed: int, name: str, device: str = "auto"):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
-                         n=budget.final_n_for(name), alpha=budget.alpha, batch=budget.cert_batch, seed=seed)
+                         n=budget.final_n_for(name), alpha=budget.alpha, batch=budget.cert_batch, seed=seed,
+                         device=device)
 
 
 def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_uri: str, resources,

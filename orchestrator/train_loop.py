@@ -16,6 +16,19 @@ sweep's driver-side Tune callback, or orchestrator.train). The `session` says wh
   sharded by rank, the network wrapped by `ray.train.torch.prepare_model`. Inside a sweep the trainer's
   reports reach Tune through TuneReportCallback.
 
+Data parallelism (W ranks: TrainSession, or ProcessGroupSession inside any torch.distributed group) trains the
+single-process recipe: the recipe's batch_size B is the GLOBAL batch (B/W per rank; W must divide B), each epoch's
+permutation is cut into global batches and rank r takes rows r, r+W, ... of each (DistributedSampler's sharding,
+padded so every rank makes the same number of steps); the noise of every example is keyed by (seed, epoch, its
+position in the epoch's stream) (trainables/batchkeys.py), so W ranks draw the noise one process draws; DRF's λ
+and GLEAN's per-environment terms are computed over the global batch (trainables/distributed.py); the reported
+training metrics are averaged over ranks; the validation certification is shared out over the ranks and gathered
+(example i's certificate depends only on (seed, i), so the rows equal one process's). Batch norm: on GPUs the
+network's BatchNorm layers become SyncBatchNorm (statistics over the global batch, as one process); torch's
+SyncBatchNorm has no CPU implementation, so on CPU ranks each rank normalises its own B/W examples (stated
+departure; the running statistics are averaged over the ranks before each evaluation and checkpoint). tests/test_ddp.py proves the equivalence.
+Devices: trainables.device.session_device(cfg.device) (contract C1).
+
 Checkpoints are directories holding `model.pt` written by trainables.checkpoint.save (self-describing: the
 certify CLI can load it); they go through the Ray checkpoint API and are read back on resume by
 `session.get_checkpoint()`, which restarts at the saved epoch.
@@ -41,6 +54,7 @@ from typing import Any, Iterator
 import torch
 
 from orchestrator import tracking
+from orchestrator.data_parallel import check_world, ddp_wrap, epoch_batches, epoch_steps, sync_batchnorm
 from trainables.data import DataInfo
 
 CHECKPOINT_FILE = "model.pt"
@@ -60,7 +74,7 @@ class LoopConfig:
     n: int = 1000
     alpha: float = 0.001
     cert_batch: int = 1000
-    device: str = "cpu"
+    device: str = "auto"                  # trainables.device.session_device's spec: auto | cpu | cuda[:K]
     report_extra: dict[str, Any] = field(default_factory=dict)   # added to every report (e.g. the MLflow run id)
 
 
@@ -135,6 +149,21 @@ class TuneSession:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
 
+class ProcessGroupSession(LocalSession):
+    """Inside an already initialised torch.distributed process group without Ray (torchrun, or the test's
+    torch.multiprocessing ranks): DDP wrapping by torch itself; reports kept in memory, rank 0's checkpoint
+    copied to `checkpoint_dir`."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None):
+        import torch.distributed as dist
+
+        super().__init__(checkpoint_dir if dist.get_rank() == 0 else None)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def wrap(self, net):
+        return ddp_wrap(net) if self.world > 1 else net
+
+
 class TrainSession:
     """Inside a Ray Train worker (TorchTrainer): every rank reports, rank 0 attaches the checkpoint."""
 
@@ -152,7 +181,9 @@ class TrainSession:
     def wrap(self, net):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(net) if self.world > 1 else net
+        if self.world == 1:
+            return net
+        return ray.train.torch.prepare_model(sync_batchnorm(net, next(net.parameters()).device))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -198,26 +229,23 @@ def materialize(ds, limit_bytes: int = 2 << 30) -> tuple[torch.Tensor, torch.Ten
     return x.float(), y.long(), d.long()
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-                  ) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch: a permutation seeded by (seed, epoch), rank r taking positions r::world
-    (DistributedSampler's sharding, padded so every rank makes the same number of steps: DDP needs that)."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFFFFFFFFFF)
-    perm = torch.randperm(n, generator=g)
-    if world > 1:
-        per_rank = -(-n // world)
-        perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
-    batch_size = max(1, min(int(batch_size), len(perm)))
-    for i in range(0, len(perm), batch_size):
-        yield perm[i:i + batch_size]
-
-
 # --- the loop -------------------------------------------------------------------------------------------------
-def certify_selection(trainable, data: LoopData, cfg: LoopConfig, which: str | None = None):
-    """Certified rows of the selection examples (or of extra set `which`) with the search settings."""
+def certify_selection(trainable, data: LoopData, cfg: LoopConfig, which: str | None = None, rank: int = 0,
+                      world: int = 1):
+    """Certified rows of the selection examples (or of extra set `which`) with the search settings.
+
+    With W ranks each certifies examples rank, rank+W, ... and the rows are gathered on every rank in the
+    examples' order: example i's noise is seeded by (seed, i), so the rows are one process's."""
+    from trainables.distributed import gather_objects
+
     x, y, idx = (data.sel_x, data.sel_y, data.sel_idx) if which is None else data.extra_sets[which]
-    return trainable.certifier().certify_many(x, y.tolist(), idx, n0=cfg.n0, n=cfg.n,
+    part = slice(rank, None, world)
+    rows = trainable.certifier().certify_many(x[part], y[part].tolist(), idx[part], n0=cfg.n0, n=cfg.n,
                                               alpha=cfg.alpha, batch_size=cfg.cert_batch, seed=cfg.seed)
+    if world == 1:
+        return rows
+    shards = gather_objects(rows)
+    return [shards[i % world][i // world] for i in range(len(idx))]
 
 
 def selection_metrics(rows, prefix: str = "val") -> dict[str, float]:
@@ -233,10 +261,16 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
     from trainables import checkpoint as ckpt_io
     from trainables.registry import get_trainable
 
+    from trainables.batchkeys import mix
+    from trainables.device import session_device
+    from trainables.distributed import average_buffers, mean_metrics
+
     rank0 = session.rank == 0
     torch.manual_seed(cfg.seed)                  # identical initial weights on every rank (DDP also broadcasts)
     cls = get_trainable(cfg.trainable)
-    trainable = cls(cfg.hparams, data.info, epochs=cfg.epochs, device=cfg.device)
+    trainable = cls(cfg.hparams, data.info, epochs=cfg.epochs, device=session_device(cfg.device))
+    if session.rank:   # draws not keyed by BatchKeys (e.g. SmoothMix's mixing weights) must differ between ranks
+        torch.manual_seed(mix(cfg.seed, session.rank))
     start = 0
     restored = session.get_checkpoint()
     if restored is not None:
@@ -249,17 +283,20 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
     tensors = materialize(data.train)
     n_train = len(tensors[1]) if tensors is not None else len(data.train)
     batch_size = int(trainable.hparams.get("batch_size") or 256)
+    if batch_size < n_train:
+        check_world(batch_size, session.world)
     last: dict[str, Any] = {}
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        if hasattr(trainable, "epoch_batches"):    # a trainable's own batching (GLEAN: every environment per batch)
+        if hasattr(trainable, "epoch_steps"):    # a trainable's own batching (GLEAN: every environment per batch)
             domains = tensors[2] if tensors is not None else data.train.domains
-            batches = trainable.epoch_batches(domains, cfg.seed, epoch, session.rank, session.world)
+            steps_iter = trainable.epoch_steps(domains, cfg.seed, epoch, session.rank, session.world)
         else:
-            batches = epoch_batches(n_train, batch_size, cfg.seed, epoch, session.rank, session.world)
-        for idx in batches:
+            steps_iter = epoch_steps(n_train, batch_size, cfg.seed, epoch, session.rank, session.world)
+        for idx, keys in steps_iter:
+            trainable.set_batch_keys(keys)
             if tensors is not None:
                 x, y, d = (t[idx] for t in tensors)
             else:
@@ -274,6 +311,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         epoch_metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         epoch_metrics.update({k: float(v) for k, v in trainable.end_epoch(epoch).items()})
         epoch_metrics["epoch_time_s"] = time.perf_counter() - t0
+        epoch_metrics = mean_metrics(epoch_metrics, maximum=("epoch_time_s",))   # over ranks (identity in one)
         done = epoch + 1
         # every epoch is reported (C4): the driver logs it to MLflow once (deduplicated by epoch), so a crash
         # loses no finished epoch; only evaluation epochs add validation metrics and a checkpoint
@@ -286,11 +324,13 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
             session.report(report, None)
             continue
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            average_buffers(trainable.net)   # one model on every rank (per-rank BatchNorm statistics on CPUs)
+            rows = certify_selection(trainable, data, cfg, None, session.rank, session.world)
+            report.update(selection_metrics(rows))
+            for name in data.extra_sets:      # e.g. oracle_acr: every protocol's metric at every evaluation
+                report.update(selection_metrics(
+                    certify_selection(trainable, data, cfg, name, session.rank, session.world), name))
             if rank0:
-                rows = certify_selection(trainable, data, cfg)
-                report.update(selection_metrics(rows))
-                for name in data.extra_sets:      # e.g. oracle_acr: every protocol's metric at every evaluation
-                    report.update(selection_metrics(certify_selection(trainable, data, cfg, name), name))
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
                 if done == cfg.epochs:   # the final report carries the run's artifacts in its checkpoint dir
@@ -336,5 +376,6 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-__all__ = ["LoopConfig", "LoopData", "LocalSession", "TuneSession", "TrainSession", "run_training",
-           "train_worker", "materialize", "epoch_batches", "describe_exception", "CHECKPOINT_FILE"]
+__all__ = ["LoopConfig", "LoopData", "LocalSession", "TuneSession", "TrainSession", "ProcessGroupSession",
+           "run_training", "train_worker", "materialize", "epoch_batches", "epoch_steps", "check_world", "ddp_wrap",
+           "certify_selection", "describe_exception", "CHECKPOINT_FILE"]

@@ -14,6 +14,15 @@ A trainable owns one network, its optimiser and its loss. The training loop (wri
     t.certifier()                           # an object with Smooth's certify/predict/certify_many API
     t.state_dict() / t.load_state_dict(sd)  # everything needed to resume (model, optimiser, schedule, λ ...)
 
+Devices (contract C1, trainables/device.py): `device` is resolved once by the caller's rule; the network, every
+batch, noise draw, attack iterate and the optimiser's restored state live there (torch's optimiser load casts
+its state to the parameters' device; checkpoints are read onto the host first, trainables.checkpoint).
+
+Data parallelism: before each `update` the loop may hand the trainable `BatchKeys` (trainables/batchkeys.py):
+where its examples sit in the global batch. `example_noise` draws their noise from those keys, so the noise of
+an example does not depend on how many ranks share the batch; trainables that combine examples across the batch
+(DRF's distance buffer, GLEAN's per-environment terms) use trainables/distributed.py's collectives.
+
 `self.net` is always the bare network (used for checkpoints and certification); `self.model` is what
 training calls forward on, which the orchestrator may replace by a DDP wrapper of `self.net`
 (`distribute`). Normalisation is the network's first layer, so noise and radii live in [0,1] pixel space.
@@ -26,7 +35,9 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
+from trainables.batchkeys import BatchKeys
 from trainables.data import DataInfo
+from trainables.device import HOST, resolve_device
 from trainables.hparams import HParam, resolve
 
 
@@ -38,19 +49,21 @@ class Trainable:
     DATASETS: ClassVar[tuple[str, ...]] = ("mnist", "cmnist", "cifar10", "celeba", "domainnet")
 
     def __init__(self, hparams: Mapping[str, Any] | None, info: DataInfo, epochs: int = 1,
-                 device: str | torch.device = "cpu"):
-        """`epochs` is the run's total, so schedules (lr decay, ε warm-up) can scale with the budget."""
+                 device: str | torch.device = HOST):
+        """`epochs` is the run's total, so schedules (lr decay, ε warm-up) can scale with the budget.
+        `device`: a torch.device or a spec for trainables.device.resolve_device ("auto", "cpu", "cuda:K")."""
         self.hparams = resolve(self.HPARAMS, hparams, owner=self.NAME)
         self.epochs = int(epochs)
         if info.name not in self.DATASETS:
             raise ValueError(f"{self.NAME} is not defined on dataset {info.name!r}; "
                              f"use one of {', '.join(self.DATASETS)}")
         self.info = info
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.net: nn.Module = self.build_net().to(self.device)
         self.model: nn.Module = self.net
         self.optimizer = self.build_optimizer()
         self.step = 0
+        self.batch_keys: BatchKeys | None = None
 
     # --- to override -------------------------------------------------------------------------------
     def build_net(self) -> nn.Module:
@@ -92,6 +105,24 @@ class Trainable:
         """Logits of the base classifier, [B, C] for x of shape [B, *input_shape]."""
         self.net.eval()
         return self.net(x.to(self.device))
+
+    def set_batch_keys(self, keys: BatchKeys | None) -> None:
+        """Where the next `update`'s examples sit in the global batch (None: draw from torch's global RNG)."""
+        self.batch_keys = keys
+
+    def example_noise(self, like: torch.Tensor, shape: tuple[int, ...] | None = None, copies: int | None = None,
+                      stream: int = 0) -> torch.Tensor:
+        """Standard normal noise for the len(like) examples of the current batch, on like's device and dtype:
+        [b, *shape] (shape default: like's example shape), or [copies, b, *shape]. Keyed by `batch_keys` when
+        the loop set them for this many examples (trainables/batchkeys.py), else torch's global generator."""
+        shape = tuple(like.shape[1:]) if shape is None else tuple(shape)
+        per_example = shape if copies is None else (copies, *shape)
+        keys = self.batch_keys
+        if keys is not None and len(keys.rows) == len(like):
+            z = keys.normal(per_example, like.device, like.dtype, stream)
+        else:
+            z = torch.randn((len(like), *per_example), device=like.device, dtype=like.dtype)
+        return z if copies is None else z.transpose(0, 1).contiguous()
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Let the orchestrator wrap the network (e.g. `ray.train.torch.prepare_model` -> DDP)."""

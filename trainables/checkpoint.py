@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from trainables.data import DataInfo
+from trainables.device import HOST
 
 FORMAT = "smoothing-orchestrator/1"
 #: the project's own types a checkpoint may hold besides tensors, containers, numbers and strings
@@ -62,7 +63,7 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         # would run whatever code a crafted file names. Only tensors, containers, numbers, strings and the
         # types allow-listed in SAFE_GLOBALS are rebuilt.
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(path, map_location=HOST, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(exc))
         if found:
@@ -79,8 +80,9 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
     return blob
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
-    """Rebuild the trainable stored at `path`, weights loaded. Returns (trainable, checkpoint dict)."""
+def load(path: str | os.PathLike, device: "str | torch.device" = HOST):
+    """Rebuild the trainable stored at `path`, weights loaded, on `device` (read onto the host, then moved:
+    trainables.device). Returns (trainable, checkpoint dict)."""
     from trainables.registry import get_trainable
 
     blob = read(path)

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from trainables.attacks import l2_distance, soft_ball_ascent
+from trainables.distributed import gather_in_order
 from trainables.consistency import Consistency
 from trainables.hparams import HParam
 from trainables.smoothadv import SmoothAdv
@@ -81,7 +82,10 @@ class _Drf:
         return soft_ball_ascent(self.net, x, y, noises, steps=steps, step_size=2 * eps / steps, lam=self.lam)
 
     def after_step(self, x, x_in):
-        distances = l2_distance(x_in, x).tolist()
+        # data-parallel: every rank adds the whole global chunk's distances in one process's order, so λ is
+        # the same on every rank and equal to one process's λ (trainables/distributed.py)
+        rows = self.batch_keys.rows if self.batch_keys is not None else torch.arange(len(x))
+        distances = gather_in_order(l2_distance(x_in, x), rows).tolist()
         self.update_lambda(distances)
         eps, delta = self.epsilon_now, sum(self.recent) / len(self.recent)
         chunk = sum(distances) / max(len(distances), 1)
@@ -91,7 +95,7 @@ class _Drf:
 
     def update_lambda(self, distances: "list[float]") -> None:
         """Algorithm 1 line 14: the newest distances enter the κ-buffer, then one λ step toward Δ_κ = ε_t.
-        (The one place λ changes; a distributed run would gather every rank's distances before this.)"""
+        (The one place λ changes; a data-parallel run passes every rank's distances, gathered in global order.)"""
         self.recent.extend(distances)
         self.lam = lambda_step(self.lam, float(self.hparams["zeta"]), self.epsilon_now, self.recent)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from trainables.base import Trainable
 from trainables.data import DataInfo
+from trainables.device import HOST
 from trainables.hparams import ARCH_CHECK, HParam
 from trainables.models import DEFAULT_ARCHITECTURE, build_model
 
@@ -58,7 +59,7 @@ class SgdTrainable(Trainable):
     """A classifier from the model zoo trained by Nesterov SGD with step decay at 1/3 and 2/3 of the run."""
 
     def __init__(self, hparams: Mapping[str, Any] | None, info: DataInfo, epochs: int = 1,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = HOST):
         super().__init__({**RECIPES.get(info.name, {}), **(hparams or {})}, info, epochs, device)
         self.epoch = 0  # finished epochs: the 0-based index of the epoch being trained
         # crop/flip draws: seeded from the global generator (the loop seeds it), saved with the state
@@ -111,7 +112,7 @@ class Gaussian(SgdTrainable):
     def update(self, x, y, d):
         self.model.train()
         x, y = self.augment(x.to(self.device)), y.to(self.device)
-        loss = F.cross_entropy(self.model(x + torch.randn_like(x) * self.sigma), y)
+        loss = F.cross_entropy(self.model(x + self.example_noise(x) * self.sigma), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -62,7 +62,10 @@ from torch import nn
 from trainables.base import Trainable
 from trainables.data import DataInfo
 from trainables.hparams import HParam
-from trainables.irm import ESTIMATORS, irm_penalty
+from trainables.batchkeys import BatchKeys
+from trainables.device import HOST
+from trainables.distributed import global_env_terms
+from trainables.irm import ESTIMATORS
 from trainables.lipschitz import (CayleyConv2d, GlobalNormPool, MaxMin, lipschitz_constant, orthogonal_linear)
 from trainables.models import Normalize
 from trainables.latent_smooth import LatentCertRow, LatentSmooth  # noqa: F401  (LatentCertRow re-exported)
@@ -109,14 +112,16 @@ HPARAMS: dict[str, HParam] = {
 BATCH_BY_DATASET = {"cmnist": 60_000, "celeba": 128, "domainnet": 160}
 
 
-def environment_batches(domains: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                        world: int = 1) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch in which EVERY training environment appears (the IRM penalty is computed per
-    environment per batch). ceil(n / batch_size) batches; environment e contributes max(2 * world,
-    round(batch_size * n_e / n)) examples to each, drawn from its own permutation seeded by (seed, epoch, e) and
-    cycled if it runs out (a small environment is revisited rather than missing from a batch). With batch_size
-    >= n this is the full batch. DDP: rank r takes positions r::world of each environment's share, so every
-    rank's shard holds every environment as well."""
+def environment_steps(domains: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                      world: int = 1) -> Iterator[tuple[torch.Tensor, BatchKeys]]:
+    """(this rank's example indices, their BatchKeys) for each step of one epoch, EVERY training environment in
+    every batch (the IRM penalty is computed per environment per batch). ceil(n / batch_size) global batches;
+    environment e contributes max(2 * world, round(batch_size * n_e / n)) examples to each, drawn from its own
+    permutation seeded by (seed, epoch, e) and cycled if it runs out (a small environment is revisited rather than
+    missing from a batch). With batch_size >= n this is the full batch. DDP: rank r takes positions r::world of
+    each environment's share, so every rank's shard holds every environment as well; the BatchKeys rows are those
+    positions in the global batch (environment shares concatenated), so noise and the IRM terms are one
+    process's (trainables/batchkeys.py, trainables/distributed.py)."""
     domains = torch.as_tensor(domains)
     n = len(domains)
     envs = torch.unique(domains).tolist()
@@ -129,8 +134,18 @@ def environment_batches(domains: torch.Tensor, batch_size: int, seed: int, epoch
     steps = max(1, -(-n // batch_size))
     shares = [len(p) if batch_size >= n else max(2 * world, round(batch_size * len(p) / n)) for p in perms]
     for k in range(steps):
-        parts = [p[torch.arange(k * m, (k + 1) * m) % len(p)][rank::world] for p, m in zip(perms, shares)]
-        yield torch.cat(parts)
+        fulls = [p[torch.arange(k * m, (k + 1) * m) % len(p)] for p, m in zip(perms, shares)]
+        offsets = [sum(shares[:i]) for i in range(len(shares))]
+        idx = torch.cat([f[rank::world] for f in fulls])
+        rows = torch.cat([off + torch.arange(rank, len(f), world) for f, off in zip(fulls, offsets)])
+        yield idx, BatchKeys(int(seed), int(epoch), k, rows, sum(shares))
+
+
+def environment_batches(domains: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                        world: int = 1) -> Iterator[torch.Tensor]:
+    """The index batches of `environment_steps` (this rank's examples of each global batch)."""
+    for idx, _ in environment_steps(domains, batch_size, seed, epoch, rank, world):
+        yield idx
 
 
 class OneLogitHead(nn.Module):
@@ -166,10 +181,11 @@ class GleanNet(nn.Module):
         self.encoder, self.head = encoder, head
         self.input_shape = tuple(input_shape)
 
-    def forward(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: standard normal [B, k] to scale by sigma (default: drawn here from torch's generator)."""
         z = self.encoder(x)
         if sigma:
-            z = z + sigma * torch.randn_like(z)
+            z = z + sigma * (torch.randn_like(z) if noise is None else noise)
         return self.head(z)
 
     @torch.no_grad()
@@ -187,7 +203,7 @@ class GleanNet(nn.Module):
                 plain.weight.copy_(layer.weight)
                 if layer.bias is not None:
                     plain.bias.copy_(layer.bias)
-                layers.append(plain.to(layer.bias.device if layer.bias is not None else "cpu"))
+                layers.append(plain.to(layer.weight.device))
             else:
                 layers.append(copy.deepcopy(layer))
         return GleanNet(nn.Sequential(*layers), copy.deepcopy(self.head), self.input_shape).eval()
@@ -238,7 +254,7 @@ class Glean(Trainable):
     DEFAULT_DATASET = "cmnist"
     DATASETS = ("cmnist", "celeba", "domainnet")
 
-    def __init__(self, hparams, info: DataInfo, epochs: int = 1, device="cpu"):
+    def __init__(self, hparams, info: DataInfo, epochs: int = 1, device=HOST):
         if info.num_train_domains < 2:
             raise ValueError(
                 f"glean needs >= 2 training environments (IRM needs >= 2 training environments to compare "
@@ -248,10 +264,10 @@ class Glean(Trainable):
         if self.hparams["batch_size"] is None:
             self.hparams["batch_size"] = BATCH_BY_DATASET.get(info.name, 128)
 
-    def epoch_batches(self, domains: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1
-                      ) -> Iterator[torch.Tensor]:
-        """The training loop's batches for GLEAN: every training environment in every batch."""
-        return environment_batches(domains, self.hparams["batch_size"], seed, epoch, rank, world)
+    def epoch_steps(self, domains: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1
+                    ) -> Iterator[tuple[torch.Tensor, BatchKeys]]:
+        """The training loop's steps for GLEAN: every training environment in every batch."""
+        return environment_steps(domains, self.hparams["batch_size"], seed, epoch, rank, world)
 
     def build_net(self) -> GleanNet:
         h = self.hparams
@@ -278,22 +294,19 @@ class Glean(Trainable):
 
     def environment_terms(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per training environment e = 0..E-1 of this batch: (risks [E], IRM penalties [E], accuracies [E]).
-        The one place per-environment terms are computed (a data-parallel run combines them across ranks here).
+        """Per training environment e = 0..E-1 of the GLOBAL batch: (risks [E], IRM penalties [E], accuracies
+        [E]). The one place per-environment terms are computed: over all data-parallel ranks' examples (the
+        full-batch estimator of one process; identity without data parallelism), trainables/distributed.py.
         A batch lacking an environment is an error: IRM compares every environment in every step."""
         n_env = self.info.num_train_domains
-        present = set(torch.unique(d).tolist())
-        if present != set(range(n_env)):
+        rows = self.batch_keys.rows if self.batch_keys is not None else None
+        risks, penalties, accs = global_env_terms(logits, y, d, n_env, self.hparams["penalty_estimator"], rows)
+        if len(risks) != n_env:
+            present = set(torch.unique(d).tolist())
             missing = sorted(set(range(n_env)) - present)
-            raise ValueError(f"glean: a batch lacks training environment(s) {missing} of {n_env} (every batch must "
-                             "hold every environment; use environment_batches or a larger batch_size)")
-        risks, penalties, accs = [], [], []
-        for env in range(n_env):
-            m = d == env
-            risks.append(F.cross_entropy(logits[m], y[m]))
-            penalties.append(irm_penalty(logits[m], y[m], self.hparams["penalty_estimator"]))
-            accs.append((logits[m].argmax(1) == y[m]).float().mean())
-        return torch.stack(risks), torch.stack(penalties), torch.stack(accs)
+            raise ValueError(f"glean: a batch lacks training environment(s) {missing or '?'} of {n_env} (every "
+                             "batch must hold every environment; use environment_batches or a larger batch_size)")
+        return risks, penalties, accs
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, d: torch.Tensor
                   ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -311,7 +324,7 @@ class Glean(Trainable):
     def update(self, x, y, d):
         self.model.train()
         x, y, d = x.to(self.device), y.to(self.device), d.to(self.device)
-        logits = self.model(x, self.sigma)
+        logits = self.model(x, self.sigma, self.example_noise(x, shape=(self.net.head.in_features,)))
         loss, metrics = self.objective(logits, y, d)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,10 +17,11 @@ from torch import autograd
 ESTIMATORS = ("full_batch", "two_half")
 
 
-def penalty_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """d/dw CE(w * logits, y) at w = 1, differentiable w.r.t. the logits. logits [B, C], y [B] -> scalar."""
+def penalty_gradient(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """d/dw CE(w * logits, y) at w = 1, differentiable w.r.t. the logits. logits [B, C], y [B] -> scalar.
+    reduction "sum": the sum of the per-example derivatives (data-parallel ranks add theirs up)."""
     scale = torch.ones((), dtype=logits.dtype, device=logits.device, requires_grad=True)
-    loss = F.cross_entropy(logits * scale, y)
+    loss = F.cross_entropy(logits * scale, y, reduction=reduction)
     return autograd.grad(loss, [scale], create_graph=True)[0]
 
 

@@ -28,6 +28,7 @@ from torch import nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import orthogonal
 
+from trainables.device import HOST
 from trainables.models import Normalize
 
 
@@ -182,7 +183,7 @@ def lipschitz_constant(seq: nn.Sequential, input_shape: Sequence[int]) -> float:
     """Product of the layers' Lipschitz constants (an upper bound for the composition), for one input of
     shape `input_shape`; shapes are traced with a zero input so shape-dependent layers (pooling) are exact.
     Every factor is a Python float (float64), each weighted layer's with ROUNDING_MARGIN added."""
-    x = torch.zeros(1, *input_shape, device=next((p.device for p in seq.parameters()), torch.device("cpu")))
+    x = torch.zeros(1, *input_shape, device=next((p.device for p in seq.parameters()), HOST))
     total = 1.0
     was_training = seq.training
     seq.eval()

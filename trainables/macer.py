@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainables.attacks import noisy_logits, sample_noises
+from trainables.attacks import noisy_logits
 from trainables.gaussian import SGD_HPARAMS, SIGMA, SgdTrainable
 from trainables.hparams import HParam
 
@@ -85,7 +85,7 @@ class Macer(SgdTrainable):
         self.model.train()
         x, y = self.augment(x.to(self.device)), y.to(self.device)
         h = self.hparams
-        logits = noisy_logits(self.model, x, sample_noises(x, int(h["num_noise_vec"]), self.sigma))
+        logits = noisy_logits(self.model, x, self.example_noise(x, copies=int(h["num_noise_vec"])) * self.sigma)
         loss, cls, rob = macer_loss(logits, y, self.sigma, self.lbd_now, float(h["beta"]), float(h["gamma"]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

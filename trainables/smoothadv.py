@@ -1,7 +1,8 @@
 """SmoothAdv (Salman et al. 2019): adversarial training of the soft smoothed classifier.
 
 Per optimisation step on a chunk (x [b, *S], y [b]):
-1. draw m noises δ_1..δ_m per example (`trainables.attacks.sample_noises`);
+1. draw m noises δ_1..δ_m per example (`Trainable.example_noise`: keyed by the example's place in the global
+   batch, so data-parallel ranks draw the noise one process draws);
 2. in eval mode, find x̂ by T steps of ℓ2 PGD on the smoothed cross-entropy -log((1/m) Σ_j softmax F(x̂ + δ_j))_y,
    step 2ε_t/T along the normalised gradient, projected onto the ε_t-ball and clipped to [0,1]
    (`trainables.attacks.smoothed_pgd`);
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainables.attacks import l2_distance, noisy_logits, sample_noises, smoothed_pgd
+from trainables.attacks import l2_distance, noisy_logits, smoothed_pgd
 from trainables.gaussian import SGD_HPARAMS, SIGMA, SgdTrainable, ramp
 from trainables.hparams import HParam
 
@@ -66,15 +67,24 @@ class MultiNoiseTrainable(SgdTrainable):
         x, y = self.augment(x.to(self.device)), y.to(self.device)
         m = int(self.hparams["num_noise_vec"])
         parts = m if self.hparams["split_batch"] else 1
-        chunks = [c for c in zip(torch.tensor_split(x, parts), torch.tensor_split(y, parts)) if len(c[1])]
+        keys = self.batch_keys
+        # each chunk keeps its examples' global-batch keys (with W ranks and W*m dividing B, the union of the
+        # ranks' chunk c is one process's chunk c)
+        chunk_keys = keys.split(parts) if keys is not None and len(keys.rows) == len(x) else [None] * parts
+        chunks = [c for c in zip(torch.tensor_split(x, parts), torch.tensor_split(y, parts), chunk_keys)
+                  if len(c[1])]
         totals: dict[str, float] = {}
-        for xc, yc in chunks:
-            for key, value in self.train_chunk(xc, yc).items():
-                totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        try:
+            for xc, yc, kc in chunks:
+                self.batch_keys = kc
+                for key, value in self.train_chunk(xc, yc).items():
+                    totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        finally:
+            self.batch_keys = keys
         return totals
 
     def train_chunk(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        noises = sample_noises(x, int(self.hparams["num_noise_vec"]), self.sigma)
+        noises = self.example_noise(x, copies=int(self.hparams["num_noise_vec"])) * self.sigma
         self.net.eval()
         x_in = self.perturb(x, y, noises)
         self.model.train()

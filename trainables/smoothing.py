@@ -53,6 +53,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
+from trainables.device import HOST, is_host
+
 ABSTAIN = -1
 #: Cohen et al.'s certification settings, used by both papers; the one place these defaults live.
 N0 = 100
@@ -123,7 +125,7 @@ def _is_count(v: Any) -> bool:
 
 def _model_device(model: nn.Module) -> torch.device:
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.device("cpu") if first is None else first.device
+    return HOST if first is None else first.device
 
 
 class Smooth:
@@ -172,14 +174,14 @@ class Smooth:
     def forward_batch(self) -> int:
         if self._forward_batch is not None:
             return self._forward_batch
-        return CPU_FORWARD_BATCH if self.device.type == "cpu" else 1 << 62
+        return CPU_FORWARD_BATCH if is_host(self.device) else 1 << 62
 
     @property
     def channels_last(self) -> bool:
         if self._channels_last_choice is not None:
             return bool(self._channels_last_choice)
         has_conv = any(isinstance(m, nn.Conv2d) for m in self.base_classifier.modules())
-        return self.device.type == "cpu" and has_conv
+        return is_host(self.device) and has_conv
 
     # --- the public API -------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = BATCH_SIZE,

@@ -35,7 +35,7 @@ class Stability(SgdTrainable):
         self.model.train()
         x, y = self.augment(x.to(self.device)), y.to(self.device)
         b = len(x)
-        logits = self.model(torch.cat([x, x + torch.randn_like(x) * self.sigma]))  # one pass: clean, noisy
+        logits = self.model(torch.cat([x, x + self.example_noise(x) * self.sigma]))  # one pass: clean, noisy
         clean, noisy = logits[:b], logits[b:]
         xent = F.cross_entropy(clean, y)
         stab = soft_cross_entropy(noisy, clean)
