@@ -58,7 +58,7 @@ from orchestrator.budgets import BUDGETS, DEFAULT_BUDGET, Budget, get_budget
 from orchestrator.cli_common import (UsageError, certify_split, cluster_cpus_gpus, format_table, init_ray,
                                      load_splits, loop_data, make_selection, parse_sets, run_main)
 
-SAMPLERS = ("tpe", "cmaes", "nsga2")
+from orchestrator.search import SAMPLERS  # noqa: E402  (issue 16: "random" is the benchmark baseline)
 OBJECTIVES = {"acr": (tracking.VAL_ACR,), "acr,clean_acc": (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC)}
 SWEEP_FILE = "sweep.json"
 RUN_ID_KEY = "mlflow_run_id"
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="MLflow experiment (default: the dataset's name)")
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
     p.add_argument("--storage", help="Tune storage (default ~/ray_results; shared on a multi-node cluster)")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna RDB storage of the study (default: optuna.db beside an sqlite MLflow store, else in "
+                        "the sweep's folder); open it with `optuna-dashboard URL`")
     return p
 
 
@@ -201,15 +204,12 @@ def _reachable_trainables(space) -> list[str]:
 
 
 def _make_sampler(kind: str, seed: int, objectives: int):
-    import optuna
+    from orchestrator.search import make_sampler
 
-    if kind == "cmaes":
-        if objectives > 1:
-            raise UsageError("--sampler cmaes optimises one objective; use nsga2 or tpe with --objectives acr,clean_acc")
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    try:
+        return make_sampler(kind, seed, 1, 1, objectives)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any, tuple[float, ...]]]:
@@ -245,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dataset not in cls.DATASETS:
             raise UsageError(f"{cls.NAME} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
     _make_sampler(args.sampler, args.seed, len(objectives))
+    from orchestrator.search import check_storage_url
+    try:
+        check_storage_url(args.optuna_storage)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     from orchestrator import mlflow_utils
 
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
@@ -280,7 +285,6 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
          tracking_uri: str, storage: Path, prefix: str, previous: Path | None, key: dict) -> int:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator import mlflow_utils
 
@@ -320,8 +324,13 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
             "epochs": ",".join(f"{n}:{budget.epochs_for(n, dataset)}" for n in names),
             "data_notes": " | ".join(getattr(splits, "notes", ()) or ())})
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        from orchestrator.search import default_storage_url
         state = {"status": "running", "key": key, "tracking_uri": tracking_uri, "experiment": experiment,
-                 "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit}
+                 "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit,
+                 "optuna_storage": args.optuna_storage or default_storage_url(tracking_uri, sweep_dir),
+                 "optuna_study": sweep_dir.name}
+        mlflow_utils.log_params(cl, parent, {"optuna_storage": state["optuna_storage"],
+                                             "optuna_study": state["optuna_study"]})
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))
     else:
         sweep_dir = previous
@@ -344,10 +353,16 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         if previous is not None and tune.Tuner.can_restore(str(sweep_dir)):
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
-            sampler = _make_sampler(args.sampler, args.seed, len(objectives))
-            modes = ["max"] * len(objectives)
+            import functools
+
+            from orchestrator.search import build_searcher
+            searcher = build_searcher(
+                args.sampler, args.seed, trials, concurrency, objectives, state["optuna_storage"],
+                state["optuna_study"], planned_epochs=functools.partial(_planned_epochs, budget, dataset, space),
+                user_attrs={"command": " ".join(["python -m orchestrator.sweep", *sys.argv[1:]]),
+                            "dataset": dataset, "selection": args.select, "budget": budget.name,
+                            "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri})
             if len(objectives) == 1:
-                searcher = OptunaSearch(sampler=sampler)
                 rungs = budget.eval_epochs(max_epochs)
                 scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
                                           reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 \
@@ -356,7 +371,6 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                                               scheduler=scheduler, num_samples=trials,
                                               max_concurrent_trials=concurrency, reuse_actors=True)
             else:  # ASHA stops on one metric: a two-objective search runs every trial to the end
-                searcher = OptunaSearch(metric=list(objectives), mode=modes, sampler=sampler)
                 tune_config = tune.TuneConfig(search_alg=searcher, num_samples=trials,
                                               max_concurrent_trials=concurrency, reuse_actors=True)
             tuner = tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config,
@@ -386,6 +400,10 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         mlflow_utils.close_run(cl, parent, status, describe_exception(exc))
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")
+    from orchestrator.report import try_sweep_report   # issue 16: report.html / report.md, logged to the sweep run
+    report = try_sweep_report(tracking_uri, parent, sweep_dir / "report",
+                              " ".join(["python -m orchestrator.sweep", *sys.argv[1:]]))
+    table += f"  report: {report}\n" if report else ""
     state.update(status="done", table=table)
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))
     print(table)
@@ -475,6 +493,16 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
     val = {f"selected_{o}": float(best.metrics[o]) for o in objectives}
     mlflow_utils.log_metrics(cl, parent, {**val, **test, "final_certification_s": cert_s})
     mlflow_utils.set_tags(cl, parent, {"selected_run_id": best_run})
+    from orchestrator import models   # issue 16: trial models in MLflow, the selected one registered
+    version = models.publish_sweep(
+        tracking_uri, [(r.metrics[RUN_ID_KEY], _checkpoint_file(r)) for r in completed], best_run, name, dataset,
+        tags={**val, **test, **{models.CERT_PREFIX + k: v for k, v in {
+            "split": "test", "n0": budget.final_n0, "n": budget.final_n, "alpha": budget.alpha,
+            "batch": budget.cert_batch, "seed": args.seed, "selection": selection.method,
+            "final_examples": budget.final_examples}.items()}, "sweep": sweep_dir.name, "sweep_run_id": parent},
+        input_example=splits.test[selection.test_indices[0]][0].numpy()[None])
+    model_uri = f"models:/{version.name}@{models.ALIAS}"
+    mlflow_utils.set_tags(cl, parent, {"registered_model": f"{model_uri} (version {version.version})"})
     if front is not None:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
@@ -505,9 +533,16 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
         ("data source", splits.info.source),
         ("MLflow", f"sweep run {parent}, selected trial run {best_run}, experiment {experiment!r}"),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
+        ("MLflow model", f"{model_uri} (version {version.version}); certify it with "
+                         f"python -m orchestrator.certify --model {model_uri}"),
         ("Tune experiment", str(sweep_dir)),
     ]
     return "\n" + format_table(rows_out) + "\n"
+
+
+def _planned_epochs(budget: Budget, dataset: str, space, config: dict) -> int:
+    """Epochs a trial with `config` is planned to train (search.SweepSearch tells trials stopped before PRUNED)."""
+    return budget.epochs_for(space.trainable_for(config), dataset)
 
 
 def _stopped_early(result, budget: Budget, dataset: str, space) -> bool:
