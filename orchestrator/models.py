@@ -175,9 +175,16 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | os.PathLike, *,
     from mlflow.models import Model
 
     logging.getLogger("mlflow.models.model").setLevel(logging.ERROR)   # no "install uv" advice per trial
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
     with _tracking(tracking_uri):
-        return Model.log(name=LOGGED_MODEL_NAME, flavor=sys.modules[__name__], run_id=run_id,
+        info = Model.log(None, sys.modules[__name__], name=LOGGED_MODEL_NAME, run_id=run_id,
                          checkpoint=str(checkpoint), input_example=input_example, metadata=dict(metadata or {}))
+    cl = MlflowClient(tracking_uri)
+    if cl.get_logged_model(info.model_id).status != LoggedModelStatus.READY:   # Model.log leaves it PENDING
+        cl.finalize_logged_model(info.model_id, LoggedModelStatus.READY)
+    return info
 
 
 def register_selected(tracking_uri: str, model_uri: str, run_id: str, trainable: str, dataset: str,
@@ -264,6 +271,7 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | os.PathLike | None
     import mlflow
     import yaml
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     version = model_version(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="model-"))
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),

@@ -145,6 +145,17 @@ def study_of_sweep(parent_run) -> tuple[Any, list[str]] | None:
     return study, list(study.metric_names or [])
 
 
+def _set_metric_names(study, names: list[str]) -> None:
+    """optuna-dashboard labels the objectives with these (experimental in Optuna, stable enough to label)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+
+
 def _epochs_of(planned: int | Callable[[dict], int] | None, config: dict) -> int | None:
     if planned is None:
         return None
@@ -164,12 +175,13 @@ class SweepSearch(OptunaSearch):
         self._planned_epochs = planned_epochs
         self._metric_names = list(metric_names)
         self._configs: dict[str, dict] = {}
+        self._reported: dict[str, set[int]] = {}
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
         if self._metric_names and self._ot_study.metric_names is None:
-            self._ot_study.set_metric_names(self._metric_names)   # optuna-dashboard labels the axes with these
+            _set_metric_names(self._ot_study, self._metric_names)
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
@@ -200,8 +212,10 @@ class SweepSearch(OptunaSearch):
             return
         step = int(result.get(EPOCH_KEY, result.get("training_iteration", 0)))
         trial = self._ot_trials.get(trial_id)
-        if trial is not None:   # a step reported twice (a trial restored from a checkpoint) is ignored by Optuna
+        reported = self._reported.setdefault(trial_id, set())
+        if trial is not None and step not in reported:   # a trial restored from a checkpoint repeats epochs
             trial.report(float(result[self.metric]), step)
+            reported.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         planned = _epochs_of(self._planned_epochs, self._configs.get(trial_id, {}))
@@ -230,17 +244,18 @@ def build_searcher(kind: str, seed: int, trials: int, concurrency: int, objectiv
     sampler = make_sampler(kind, seed, trials, concurrency, len(objectives))
     metric: str | list[str] = objectives[0] if len(objectives) == 1 else list(objectives)
     mode: str | list[str] = "max" if len(objectives) == 1 else ["max"] * len(objectives)
+    rdb = storage(storage_url)
     searcher = SweepSearch(metric=metric, mode=mode, sampler=sampler, study_name=study_name,
-                           storage=storage(storage_url), planned_epochs=planned_epochs,
+                           storage=rdb, planned_epochs=planned_epochs,
                            metric_names=list(objectives))
     # the study exists only once Tune hands the space over (set_search_properties); create it now so that
     # optuna-dashboard sees it from the start, with its attributes
     import optuna
 
-    study = optuna.create_study(study_name=study_name, storage=storage_url, load_if_exists=True,
+    study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
                                 directions=["maximize"] * len(objectives))
     if study.metric_names is None:
-        study.set_metric_names(list(objectives))
+        _set_metric_names(study, list(objectives))
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     return searcher

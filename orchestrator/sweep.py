@@ -221,6 +221,7 @@ def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = " ".join(["python -m orchestrator.sweep", *(sys.argv[1:] if argv is None else argv)])
     from search_spaces import SearchSpaceError, get_space
     from trainables.registry import get_trainable
 
@@ -340,8 +341,14 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                              f"{state['tracking_uri']}")
         experiment, experiment_id, parent = state["experiment"], state["experiment_id"], state["parent_run_id"]
         commit = state["git_commit"]
+        from orchestrator.search import default_storage_url   # issue 16: a sweep from before the stored study
+        state.setdefault("optuna_storage", args.optuna_storage or default_storage_url(tracking_uri, sweep_dir))
+        state.setdefault("optuna_study", sweep_dir.name)
         cl.update_run(parent, status="RUNNING")
     print(f"sweep {sweep_dir}\nMLflow: experiment {experiment!r}, parent run {parent} ({tracking_uri})", flush=True)
+    if state.get("optuna_storage"):   # issue 16
+        print(f"Optuna: study {state['optuna_study']!r}; watch it with optuna-dashboard {state['optuna_storage']}",
+              flush=True)
 
     setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=args.select, seed=args.seed,
                        workers=args.workers, use_gpu=use_gpu, tracking_uri=tracking_uri,
@@ -359,7 +366,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
             searcher = build_searcher(
                 args.sampler, args.seed, trials, concurrency, objectives, state["optuna_storage"],
                 state["optuna_study"], planned_epochs=functools.partial(_planned_epochs, budget, dataset, space),
-                user_attrs={"command": " ".join(["python -m orchestrator.sweep", *sys.argv[1:]]),
+                user_attrs={"command": args.command,
                             "dataset": dataset, "selection": args.select, "budget": budget.name,
                             "mlflow_parent_run_id": parent, "tracking_uri": tracking_uri})
             if len(objectives) == 1:
@@ -401,8 +408,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")
     from orchestrator.report import try_sweep_report   # issue 16: report.html / report.md, logged to the sweep run
-    report = try_sweep_report(tracking_uri, parent, sweep_dir / "report",
-                              " ".join(["python -m orchestrator.sweep", *sys.argv[1:]]))
+    report = try_sweep_report(tracking_uri, parent, sweep_dir / "report", args.command)
     table += f"  report: {report}\n" if report else ""
     state.update(status="done", table=table)
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=2))

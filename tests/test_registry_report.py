@@ -68,13 +68,12 @@ def test_selected_model_is_registered_and_certify_model_reproduces_the_sweeps_ts
     # every trial's final model is an MLflow Model linked to its run; the MLmodel names a safe loader
     trial_ids = {r.info.run_id for r in cl.search_runs([parent.info.experiment_id])
                  if r.data.tags.get(tracking.TAG_ROLE) == "trial"}
-    logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    logged = cl.search_logged_models(experiment_ids=[parent.info.experiment_id])
     assert {m.source_run_id for m in logged} == trial_ids and len(logged) == 2
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/glean-cmnist@selected",
                                                      dst_path=str(tmp_path / "m"), tracking_uri=uri))
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: orchestrator.models" in mlmodel and "python_model" not in mlmodel
-    info = mlflow.models.get_model_info("models:/glean-cmnist@selected") if False else None  # noqa: F841
 
     # the module Smooth accepts, with the metadata a reader needs
     loaded = models.resolve_model_uri("models:/glean-cmnist@selected", uri, tmp_path / "r")
