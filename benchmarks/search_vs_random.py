@@ -48,8 +48,9 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="search-vs-random-"))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[float]] = {}
-    for sampler in args.samplers.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    # seeds outer, samplers inner: a run cut short still holds paired results
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for sampler in args.samplers.split(","):
             t0 = time.perf_counter()
             uri = f"sqlite:///{out / f'{sampler}-{seed}' / 'mlflow.db'}"
             (out / f"{sampler}-{seed}").mkdir(exist_ok=True)
@@ -61,6 +62,9 @@ def main() -> int:
             study = optuna.load_study(study_name=name, storage=url)
             complete = [t.value for t in study.trials if t.state.name == "COMPLETE"]
             results.setdefault(sampler, []).append(max(complete))
+            with open(out / "runs.tsv", "a") as f:
+                f.write(f"{sampler}\t{seed}\t{max(complete):.4f}\t{len(complete)}\t"
+                        f"{sum(t.state.name == 'PRUNED' for t in study.trials)}\t{time.perf_counter() - t0:.0f}\n")
             print(f"== {sampler} seed {seed}: best val_acr {max(complete):.4f} "
                   f"({len(complete)} complete, {sum(t.state.name == 'PRUNED' for t in study.trials)} pruned) "
                   f"in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -55,16 +55,21 @@ def registered_name(trainable: str, dataset: str) -> str:
 
 
 @contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """MLflow's fluent model logging reads the global tracking URI: set it for the block, then restore it."""
+def _tracking(uri: str, experiment_id: str | None) -> Iterator[None]:
+    """MLflow's fluent model logging reads the global tracking URI and active experiment (a LoggedModel belongs to
+    an experiment, not only to its run): set both for the block, then restore them."""
     import mlflow
+    from mlflow.tracking import fluent
 
     old = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri() if mlflow.tracking._tracking_service.utils.is_tracking_uri_set() else None
+    previous_exp = fluent._active_experiment_id
     mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = experiment_id
     try:
         yield
     finally:
+        fluent._active_experiment_id = previous_exp
         if previous is not None:
             mlflow.set_tracking_uri(previous)
         else:
@@ -178,10 +183,10 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str | os.PathLike, *,
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
 
-    with _tracking(tracking_uri):
+    cl = MlflowClient(tracking_uri)
+    with _tracking(tracking_uri, cl.get_run(run_id).info.experiment_id):
         info = Model.log(None, sys.modules[__name__], name=LOGGED_MODEL_NAME, run_id=run_id,
                          checkpoint=str(checkpoint), input_example=input_example, metadata=dict(metadata or {}))
-    cl = MlflowClient(tracking_uri)
     if cl.get_logged_model(info.model_id).status != LoggedModelStatus.READY:   # Model.log leaves it PENDING
         cl.finalize_logged_model(info.model_id, LoggedModelStatus.READY)
     return info
@@ -270,12 +275,17 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | os.PathLike | None
     """Download the model a `models:/` URI names and rebuild it safely (weights_only; see the module doc)."""
     import mlflow
     import yaml
+    from mlflow import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     version = model_version(uri, tracking_uri)
     dst = Path(dst or tempfile.mkdtemp(prefix="model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                     tracking_uri=tracking_uri))
+    # the version's own artifact location (models:/ URIs resolve through the *global* registry URI, not ours)
+    source = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+        version.name, version.version)
+    with _tracking(tracking_uri, None):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                         tracking_uri=tracking_uri))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     flavor = (mlmodel.get("flavors") or {}).get(FLAVOR)
     if flavor is None:

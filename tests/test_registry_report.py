@@ -70,8 +70,8 @@ def test_selected_model_is_registered_and_certify_model_reproduces_the_sweeps_ts
                  if r.data.tags.get(tracking.TAG_ROLE) == "trial"}
     logged = cl.search_logged_models(experiment_ids=[parent.info.experiment_id])
     assert {m.source_run_id for m in logged} == trial_ids and len(logged) == 2
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/glean-cmnist@selected",
-                                                     dst_path=str(tmp_path / "m"), tracking_uri=uri))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=cl.get_model_version_download_uri(
+        "glean-cmnist", version.version), dst_path=str(tmp_path / "m"), tracking_uri=uri))
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: orchestrator.models" in mlmodel and "python_model" not in mlmodel
 
@@ -98,6 +98,7 @@ def test_selected_model_is_registered_and_certify_model_reproduces_the_sweeps_ts
         differ = {m.split("=")[0] for m in set(ours_meta) ^ set(theirs_meta)}
         assert differ == {"# source"}, differ   # where the model came from: a checkpoint path vs the URI
 
+    capsys.readouterr()
     assert certify.main(["--model", "models:/glean-cmnist@nosuch", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no model version models:/glean-cmnist@nosuch" in err[0]
