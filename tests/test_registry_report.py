@@ -133,7 +133,7 @@ def test_registry_round_trip_through_a_real_mlflow_server(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300   # seconds on an idle machine; 120 s measured on the loaded shared one
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:

@@ -111,8 +111,8 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
             "--concurrency", "1", "--tracking-uri", mlflow_uri, "--storage", str(tmp_path / "ray")]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     seen_running = False
     try:
         deadline = time.time() + 240
@@ -123,7 +123,8 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
                 seen_running |= "RUNNING" in states
                 if "COMPLETE" in states and list((tmp_path / "ray").glob("*/experiment_state*")):
                     break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
+            assert proc.poll() is None, "the sweep ended before it could be killed:\n" + \
+                (tmp_path / "sweep.log").read_text()[-3000:]
             time.sleep(0.5)
         else:
             pytest.fail("no trial completed within 240 s")
