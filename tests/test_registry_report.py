@@ -89,14 +89,16 @@ def test_selected_model_is_registered_and_certify_model_reproduces_the_sweeps_ts
         mlflow.set_tracking_uri(None)
 
     # the floor: certify --model reproduces the sweep's test TSV (every column but the wall-clock `time`)
-    for ref in ("models:/glean-cmnist@selected", f"models:/glean-cmnist/{version.version}"):
-        out = tmp_path / ref.split("/")[-1].replace("@", "_")
-        assert certify.main(["--model", ref, "--tracking-uri", uri, "--out", str(out), "--no-progress"]) == 0
-        ours_meta, ours = _tsv_without_time(out / "test.tsv")
-        theirs_meta, theirs = _tsv_without_time(sweep_dir / "final_certification" / "test.tsv")
-        assert ours == theirs and len(ours) == 1 + 16
-        differ = {m.split("=")[0] for m in set(ours_meta) ^ set(theirs_meta)}
-        assert differ == {"# source"}, differ   # where the model came from: a checkpoint path vs the URI
+    out = tmp_path / "certify-out"
+    assert certify.main(["--model", "models:/glean-cmnist@selected", "--tracking-uri", uri, "--out", str(out),
+                         "--no-progress"]) == 0
+    ours_meta, ours = _tsv_without_time(out / "test.tsv")
+    theirs_meta, theirs = _tsv_without_time(sweep_dir / "final_certification" / "test.tsv")
+    assert ours == theirs and len(ours) == 1 + 16
+    differ = {m.split("=")[0] for m in set(ours_meta) ^ set(theirs_meta)}
+    assert differ == {"# source"}, differ   # where the model came from: a checkpoint path vs the URI
+    by_number = models.model_version(f"models:/glean-cmnist/{version.version}", uri)
+    assert by_number.version == version.version and by_number.source == version.source
 
     capsys.readouterr()
     assert certify.main(["--model", "models:/glean-cmnist@nosuch", "--tracking-uri", uri]) == 2

@@ -139,7 +139,7 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
     finally:
         kill_session(proc.pid)
 
-    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
     study = _study(url)
