@@ -74,8 +74,10 @@ def _tracking(uri: str, experiment_id: str | None) -> Iterator[None]:
             mlflow.set_tracking_uri(previous)
         else:
             mlflow.tracking._tracking_service.utils._tracking_uri = None
-            if old is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = old
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+        else:   # set_tracking_uri also exports the variable
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 # --- safe reading ---------------------------------------------------------------------------------------------
