@@ -209,10 +209,11 @@ def register_selected(tracking_uri: str, model_uri: str, run_id: str, trainable:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = cl.create_model_version(name, source=model_uri, run_id=run_id,
-                                      tags={k: str(v) for k, v in tags.items()},
-                                      model_id=model_uri.split("/")[-1] if model_uri.startswith("models:/m-")
-                                      else None)
+    with _tracking(tracking_uri, None):   # the registry resolves models:/m-<id> through the global tracking URI
+        version = cl.create_model_version(name, source=model_uri, run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()},
+                                          model_id=model_uri.split("/")[-1] if model_uri.startswith("models:/m-")
+                                          else None)
     cl.set_registered_model_alias(name, alias, version.version)
     return cl.get_model_version(name, version.version)
 
