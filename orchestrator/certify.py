@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run-id", help="MLflow run whose checkpoint to certify (results are logged to it)")
     src.add_argument("--checkpoint", help="checkpoint file (trainables.checkpoint format)")
+    src.add_argument("--model", metavar="URI", help="registered model, models:/NAME@ALIAS or models:/NAME/VERSION "
+                                                    "(e.g. models:/glean-cmnist@selected); settings default to "
+                                                    "those of the sweep's final certification")
     p.add_argument("--split", choices=SPLITS, default=None, help="split to certify (default: test)")
     p.add_argument("--n0", type=int, default=None, help=f"samples to select the class (default {N0})")
     p.add_argument("--n", type=int, default=None, help=f"samples to estimate its probability (default {N})")
@@ -153,13 +156,17 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         if old is None:
             raise CertifyInputError(f"nothing to resume: {args.out} holds no certification manifest")
         recorded = dict(old.get("extra", {}).get("cli", {}))
-        if args.run_id or args.checkpoint:      # a model named now is checked against the manifest's
-            recorded.pop("run_id", None), recorded.pop("checkpoint", None)
+        if args.run_id or args.checkpoint or getattr(args, "model", None):   # a model named now wins
+            recorded.pop("run_id", None), recorded.pop("checkpoint", None), recorded.pop("model", None)
         for key, value in recorded.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+    model_indices = None
+    if getattr(args, "model", None):     # issue 16: a registered model; unset settings from its version's tags
+        from orchestrator import models
+        model_indices = models.certify_args_from_model(args)
     if not (args.run_id or args.checkpoint):
-        raise CertifyInputError("give --run-id ID or --checkpoint PATH (or --resume --out DIR)")
+        raise CertifyInputError("give --run-id ID, --checkpoint PATH or --model URI (or --resume --out DIR)")
     split = args.split or "test"
     n0 = N0 if args.n0 is None else args.n0
     n = N if args.n is None else args.n
@@ -192,6 +199,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             run_params = dict(mlflow_utils.client(tracking_uri).get_run(args.run_id).data.params)
         else:
             ckpt = args.checkpoint
+            run_params = dict(getattr(args, "model_run_params", None) or {})   # --model: the trial run's params
         trainable, _ = load_model(ckpt)
         from trainables.checkpoint import read
         blob = read(ckpt)
@@ -201,6 +209,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             raise CertifyInputError(f"--skip {skip} is beyond the {stop} examples of {split} in range (--max "
                                     f"{args.max}): only example 0 would be certified; use a smaller --skip")
         indices = list(range(0, stop, skip))
+        if model_indices is not None and args.skip is None and args.max is None:
+            indices = model_indices(len(data))     # the examples of the sweep's final certification
         fingerprint = model_fingerprint(trainable)
         settings = {"split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed,
                     "skip": skip, "max": args.max, "shard_size": args.shard_size}
@@ -210,12 +220,13 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         check_out_dir(out)
         identity["examples_sha256"] = examples_sha256(data, indices)
         check_resume(out, fingerprint, {**identity, "num_examples": len(indices)})   # before Ray starts
-        source = f"run {args.run_id}" if args.run_id else str(Path(args.checkpoint).resolve())
+        source = f"run {args.run_id}" if args.run_id else (getattr(args, "model", None)
+                                                           or str(Path(args.checkpoint).resolve()))
         # the arguments, so that `--resume --out DIR` alone finds the model and settings again
         cli = {"run_id": args.run_id, "checkpoint": args.checkpoint and str(Path(args.checkpoint).resolve()),
                "split": split, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "seed": seed, "skip": skip,
                "max": args.max, "shard_size": args.shard_size, "tracking_uri": tracking_uri,
-               "data_root": args.data_root, "device": args.device}
+               "data_root": args.data_root, "device": args.device, "model": getattr(args, "model", None)}
         started = _init_ray(args.address)
         try:
             df = certify_with_pool(trainable, data, indices, out_dir=out, split=split, n0=n0, n=n,

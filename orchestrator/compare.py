@@ -394,14 +394,19 @@ def _param_value(text: str, dist) -> Any:
 
 
 def sweep_study(client, parent_id: str):
-    """An Optuna study rebuilt from a sweep's MLflow runs (orchestrator/sweep.py's logging): the search space
+    """The sweep's study from its Optuna storage (orchestrator.search); for a sweep without one (older sweeps,
+    storage unreachable from here), a study rebuilt from the sweep's MLflow runs (orchestrator/sweep.py's logging): the search space
     from the parent's "space.*" params, the objectives from its "objectives" param (val_<name>), and one trial
     per finished trial run in start order -- COMPLETE when it ran to the end, PRUNED (with its intermediate
     values per epoch) when ASHA stopped it. Returns (study, objective metric names)."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
+    from orchestrator.search import study_of_sweep
     parent = client.get_run(parent_id)
+    stored = study_of_sweep(parent)      # issue 16: the sweep's own study in its Optuna storage
+    if stored is not None:
+        return stored
     params = parent.data.params
     dists = {k[len("space."):]: d for k, v in params.items() if k.startswith("space.")
              if (d := _distribution(v)) is not None}
@@ -512,6 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = [out / "table.csv", out / "table.md",
              plot_table(certified, table, radii, out / "certified_accuracy.png", title=title)]
     files += sweep_summaries(client, certified, out)
+    from orchestrator.report import compare_report   # issue 16: report.html / report.md of the comparison
+    files += [p for p in compare_report(out, table, md, files) if p.is_file()]
     print(md)
     print("wrote " + ", ".join(str(f) for f in files))
     result = {"table": table, "markdown": md, "files": files, "run_id": None}

@@ -64,7 +64,7 @@ from orchestrator.sweep_run import SweepSetup, build_tuner, checkpoint_file, clo
 
 __all__ = ["main", "build_parser", "pareto_front", "trial"]
 
-SAMPLERS = ("tpe", "cmaes", "nsga2")
+from orchestrator.search import SAMPLERS  # noqa: E402  (issue 16: "random" is the benchmark baseline)
 OBJECTIVES = {"acr": (tracking.VAL_ACR,), "acr,clean_acc": (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC)}
 SWEEP_FILE = "sweep.json"
 
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="data root (default $SMOOTHING_DATA_ROOT, download, or the MNIST sample)")
     p.add_argument("--storage", help="Tune storage: a path, file://, s3://, gs:// URI (default $RAY_STORAGE, else "
                                      "~/ray_results; in a Ray job ~/.smoothing-orchestrator/ray_results); shared by every node on a multi-node cluster")
+    p.add_argument("--optuna-storage", metavar="URL",
+                   help="Optuna RDB storage of the study (default: optuna.db beside an sqlite MLflow store, else in "
+                        "the sweep's folder); open it with `optuna-dashboard URL`")
     return p
 
 
@@ -150,6 +153,13 @@ def _protocol_objectives(objectives: tuple[str, ...], protocol: str) -> tuple[st
         return objectives
     from orchestrator.selection import ORACLE_ACR, ORACLE_CLEAN_ACC
     return tuple({tracking.VAL_ACR: ORACLE_ACR, tracking.VAL_CLEAN_ACC: ORACLE_CLEAN_ACC}[o] for o in objectives)
+def _make_sampler(kind: str, seed: int, objectives: int):
+    from orchestrator.search import make_sampler
+
+    try:
+        return make_sampler(kind, seed, 1, 1, objectives)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any, tuple[float, ...]]]:
@@ -161,6 +171,7 @@ def pareto_front(points: list[tuple[Any, tuple[float, ...]]]) -> list[tuple[Any,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command = " ".join(["python -m orchestrator.sweep", *(sys.argv[1:] if argv is None else argv)])
     from search_spaces import SearchSpaceError, get_space
     from trainables.registry import get_trainable
 
@@ -187,8 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cls in classes:
         if dataset not in cls.DATASETS:
             raise UsageError(f"{cls.NAME} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
-    if args.sampler == "cmaes" and len(objectives) > 1:
-        raise UsageError("--sampler cmaes optimises one objective; use nsga2 or tpe with --objectives acr,clean_acc")
+    _make_sampler(args.sampler, args.seed, len(objectives))
+    from orchestrator.search import check_storage_url
+    try:
+        check_storage_url(args.optuna_storage)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     from orchestrator import mlflow_utils
 
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
@@ -261,8 +276,14 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                      f"examples={len(selection.test_indices)} of {selection.test_label}",
             "epochs": ",".join(f"{n}:{budget.epochs_for(n, dataset)}" for n in names),
             "data_notes": " | ".join(getattr(splits, "notes", ()) or ())})
+        from orchestrator.search import default_storage_url
         state = {"status": "running", "key": key, "tracking_uri": tracking_uri, "experiment": experiment,
-                 "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit}
+                 "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit,
+                 "optuna_storage": args.optuna_storage or default_storage_url(
+                     tracking_uri, st.local_dir(st.join(storage_uri, sweep_name)) or defaults.stable_home()),
+                 "optuna_study": sweep_name}
+        mlflow_utils.log_params(cl, parent, {"optuna_storage": mlflow_utils.redact(state["optuna_storage"]),
+                                             "optuna_study": state["optuna_study"]})
         st.write_text(st.join(storage_uri, sweep_name, SWEEP_FILE), json.dumps(state, indent=2))
     else:
         sweep_name, state = previous
@@ -271,10 +292,17 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                              f"{state['tracking_uri']}")
         experiment, experiment_id, parent = state["experiment"], state["experiment_id"], state["parent_run_id"]
         commit = state["git_commit"]
+        from orchestrator.search import default_storage_url   # issue 16: a sweep from before the stored study
+        state.setdefault("optuna_storage", args.optuna_storage or default_storage_url(
+            tracking_uri, st.local_dir(st.join(storage_uri, sweep_name)) or defaults.stable_home()))
+        state.setdefault("optuna_study", sweep_name)
         cl.update_run(parent, status="RUNNING")
     sweep_uri = st.join(storage_uri, sweep_name)
     print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({mlflow_utils.redact(tracking_uri)})",
           flush=True)
+    if state.get("optuna_storage"):   # issue 16
+        print(f"Optuna: study {state['optuna_study']!r}; watch it with optuna-dashboard "
+              f"{mlflow_utils.redact(state['optuna_storage'])}", flush=True)
 
     setup = SweepSetup(space=space, budget=budget, dataset=dataset, selection=selection.method, seed=args.seed,
                        workers=args.workers, use_gpu=resources.use_gpu, resources_per_worker=resources.per_worker,
@@ -287,12 +315,21 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, describe,
                                    lambda config: budget.epochs_for(space.trainable_for(config), dataset))
     try:
-        tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, sampler=args.sampler,
-                            seed=args.seed, trials=trials, concurrency=concurrency, max_epochs=max_epochs,
+        import functools
+
+        from orchestrator.search import build_searcher
+        searcher = build_searcher(
+            args.sampler, args.seed, trials, concurrency, objectives, state["optuna_storage"],
+            state["optuna_study"], planned_epochs=functools.partial(_planned_epochs, budget, dataset, space),
+            user_attrs={"command": args.command, "dataset": dataset, "selection": selection.method,
+                        "budget": budget.name, "mlflow_parent_run_id": parent,
+                        "tracking_uri": mlflow_utils.redact(tracking_uri)},
+            points_to_evaluate=_default_point(space) if len(objectives) == 1 else None)
+        tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, searcher=searcher,
+                            trials=trials, concurrency=concurrency, max_epochs=max_epochs,
                             rungs=budget.eval_epochs(max_epochs, names[0]), sweep_uri=sweep_uri,
                             storage_uri=storage_uri, name=sweep_name, max_failures=args.max_failures,
-                            callbacks=[callback], restore=previous is not None,
-                            points_to_evaluate=_default_point(space) if len(objectives) == 1 else None)
+                            callbacks=[callback], restore=previous is not None)
         grid = tuner.fit()
         cli_common.install_signal_handlers()   # Tune leaves its SIGINT handler behind (C7)
         if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
@@ -319,6 +356,10 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         mlflow_utils.close_run(cl, parent, status, describe_exception(exc))
         raise
     mlflow_utils.close_run(cl, parent, "FINISHED")
+    from orchestrator.report import try_sweep_report   # issue 16: report.html / report.md, logged to the sweep run
+    report_dir = st.local_dir(st.join(sweep_uri, "report")) or defaults.stable_home() / "reports" / sweep_name
+    report = try_sweep_report(tracking_uri, parent, report_dir, args.command)
+    table += f"  report: {report}\n" if report else ""
     state.update(status="done", table=table)
     st.write_text(st.join(sweep_uri, SWEEP_FILE), json.dumps(state, indent=2))
     print(table)
@@ -420,6 +461,19 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
               for p, r in picks.items() if r is not None}
     mlflow_utils.log_metrics(cl, parent, {**val, **test, **others, "final_certification_s": cert_s})
     mlflow_utils.set_tags(cl, parent, {"selected_run_id": best_run})
+    from orchestrator import models   # issue 16: trial models in MLflow, the selected one registered
+    with tempfile.TemporaryDirectory(prefix="publish-") as tmp:
+        version = models.publish_sweep(
+            tracking_uri, [(run_id_of(r), checkpoint_file(r, str(Path(tmp) / run_id_of(r)))) for r in completed],
+            best_run, name, dataset,
+            tags={**val, **test, **{models.CERT_PREFIX + k: v for k, v in {
+                "split": "test", "n0": budget.final_n0, "n": final_n, "alpha": budget.alpha,
+                "batch": budget.cert_batch, "seed": args.seed, "selection": selection.method,
+                "final_examples": budget.final_examples_for(name)}.items()},
+                "sweep": Path(sweep_uri.split("?")[0]).name, "sweep_run_id": parent},
+            input_example=splits.test[selection.test_indices[0]][0].numpy()[None])
+    model_uri = f"models:/{version.name}@{models.ALIAS}"
+    mlflow_utils.set_tags(cl, parent, {"registered_model": f"{model_uri} (version {version.version})"})
     if front is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pareto_front.tsv"
@@ -461,9 +515,16 @@ def _finish(cl, args, budget: Budget, objectives, space, dataset, splits, select
         ("data source", splits.info.source),
         ("MLflow", f"sweep run {parent}, selected trial run {best_run}, experiment {experiment!r}"),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
+        ("MLflow model", f"{model_uri} (version {version.version}); certify it with "
+                         f"python -m orchestrator.certify --model {model_uri}"),
         ("Tune experiment", st.redact(sweep_uri)),
     ]
     return "\n" + format_table(rows_out) + "\n"
+
+
+def _planned_epochs(budget: Budget, dataset: str, space, config: dict) -> int:
+    """Epochs a trial with `config` is planned to train (search.SweepSearch tells trials stopped before PRUNED)."""
+    return budget.epochs_for(space.trainable_for(config), dataset)
 
 
 def _stopped_early(result, budget: Budget, dataset: str, space) -> bool:

@@ -86,23 +86,14 @@ class EvaluationsOnly(_Limiter):
             self.searcher.on_trial_result(trial_id, result)
 
 
-def make_sampler(kind: str, seed: int, objectives: int):
-    import optuna
-
-    if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def build_tuner(*, trainable, space, objectives, sampler: str, seed: int, trials: int, concurrency: int,
+def build_tuner(*, trainable, space, objectives, searcher, trials: int, concurrency: int,
                 max_epochs: int, rungs: tuple[int, ...], sweep_uri: str, storage_uri: str, name: str,
-                max_failures: int, callbacks: list, restore: bool, points_to_evaluate=None):
-    """A new Tuner for the sweep, or Tuner.restore of the one stored at `sweep_uri` (resume_errored)."""
+                max_failures: int, callbacks: list, restore: bool):
+    """A new Tuner for the sweep, or Tuner.restore of the one stored at `sweep_uri` (resume_errored).
+    `searcher`: the sweep's OptunaSearch (orchestrator.search.build_searcher, C6); on a restore Tune restores
+    the searcher's own state from the experiment."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator import storage as st
 
@@ -110,17 +101,13 @@ def build_tuner(*, trainable, space, objectives, sampler: str, seed: int, trials
     fs, path = st.filesystem(sweep_uri)
     if restore and tune.Tuner.can_restore(path, storage_filesystem=fs):
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-    optuna_sampler = make_sampler(sampler, seed, len(objectives))
+    searcher = EvaluationsOnly(searcher, concurrency)
     if len(objectives) == 1:
-        searcher = EvaluationsOnly(OptunaSearch(sampler=optuna_sampler, points_to_evaluate=points_to_evaluate),
-                                   concurrency)
         scheduler = ASHAScheduler(time_attr=tracking.EPOCH, max_t=max_epochs, grace_period=rungs[0],
                                   reduction_factor=2, stop_last_trials=False) if len(rungs) > 1 else FIFOScheduler()
         tune_config = tune.TuneConfig(metric=objectives[0], mode="max", search_alg=searcher, scheduler=scheduler,
                                       num_samples=trials, reuse_actors=True)
     else:  # ASHA stops on one metric: a two-objective search runs every trial to the end
-        searcher = EvaluationsOnly(OptunaSearch(metric=list(objectives), mode=["max"] * len(objectives),
-                                                sampler=optuna_sampler), concurrency)
         tune_config = tune.TuneConfig(search_alg=searcher, num_samples=trials, reuse_actors=True)
     return tune.Tuner(trainable, param_space=space.param_space(), tune_config=tune_config,
                       run_config=tune.RunConfig(
