@@ -108,8 +108,8 @@ def locations(args: argparse.Namespace, output_dir: str | None = None) -> list[t
 
     rows = []
     if hasattr(args, "tracking_uri") and getattr(args, "run_id", True) is not None:   # certify: with --run-id
-        uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
-        rows.append(("MLflow store", uri))
+        uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri, probe=False)   # printing only
+        rows.append(("MLflow store", mlflow_utils.redact(uri)))
         server = uri.startswith(("http://", "https://"))   # a tracking server is its own UI
         rows.append(("MLflow UI", uri if server else mlflow_utils.ui_command(uri)))
     if hasattr(args, "storage"):

@@ -41,7 +41,10 @@ def resolve_tracking_uri(uri: str | None = None, *, create: bool = True, probe: 
     ~/.smoothing-orchestrator/mlflow.db)."""
     from orchestrator import defaults
 
+    chosen = bool(uri or os.environ.get("MLFLOW_TRACKING_URI"))
     uri = uri or defaults.default_tracking_uri()
+    if not chosen and create and defaults.in_ray_job():
+        defaults.ensure_sqlite_parent(uri)   # the job's stable folder is ours to make; a typed path is not
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         uri = uri if path.startswith("/") or path == ":memory:" else f"sqlite:///{Path(path).resolve()}"

@@ -34,6 +34,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from trainables.device import HOST
+
 FLAVOR = "smoothing_orchestrator"
 DATA_FILE = "data/model.pt"
 LOGGED_MODEL_NAME = "model"
@@ -86,7 +88,7 @@ def read_checkpoint_safely(path: str | os.PathLike) -> dict[str, Any]:
     from trainables.checkpoint import FORMAT
 
     try:
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        blob = torch.load(Path(path), map_location=HOST, weights_only=True)
     except Exception as exc:   # a pickle that needs code, a damaged file
         raise ModelUriError(f"{path} is not a safely loadable {FORMAT} checkpoint "
                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
@@ -95,7 +97,7 @@ def read_checkpoint_safely(path: str | os.PathLike) -> dict[str, Any]:
     return blob
 
 
-def trainable_from_blob(blob: Mapping[str, Any], device: str = "cpu"):
+def trainable_from_blob(blob: Mapping[str, Any], device: "str | torch.device" = HOST):
     """Rebuild the trainable a checkpoint dict describes, from this project's registry, weights loaded."""
     from trainables.data import DataInfo
     from trainables.registry import get_trainable
@@ -274,7 +276,7 @@ def model_version(uri: str, tracking_uri: str):
 
 
 def resolve_model_uri(uri: str, tracking_uri: str, dst: str | os.PathLike | None = None,
-                      device: str = "cpu") -> LoadedModel:
+                      device: "str | torch.device" = HOST) -> LoadedModel:
     """Download the model a `models:/` URI names and rebuild it safely (weights_only; see the module doc)."""
     import mlflow
     import yaml

@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--device {args.device}: the cluster has no GPU for the workers (on an "
                                  "autoscaling cluster pass --gpus-per-trial 1)")
             cpus, gpus = cluster.cluster_cpus_gpus()
-            per = resources.trial.get("gpu") or resources.trial["cpu"]
+            # what one worker asks for (cluster.trial_resources' defaults: 1 GPU where there are GPUs, 1 CPU)
+            per = (args.gpus_per_trial or 1.0) if resources.use_gpu else (args.cpus_per_trial or 1.0)
             if per and (gpus if resources.use_gpu else cpus) < per * args.workers and not args.address:
                 raise UsageError(f"--workers {args.workers} needs {per * args.workers:g} "
                                  f"{'GPUs' if resources.use_gpu else 'CPUs'}; this machine has "

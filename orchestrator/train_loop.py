@@ -334,15 +334,25 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
                 ckpt_io.save(Path(tmp) / CHECKPOINT_FILE, trainable, done,
                              extra={k: v for k, v in report.items() if isinstance(v, (int, float))})
                 if done == cfg.epochs:   # the final report carries the run's artifacts in its checkpoint dir
-                    report.update(_final_artifacts(trainable, cfg, data, rows, Path(tmp)))
+                    _final_artifacts(trainable, cfg, data, rows, Path(tmp))
+            if done == cfg.epochs:       # every rank reports the same summary (the rows are gathered on each)
+                report.update(_selection_summary(data, rows))
             last = report
             session.report(report, tmp)
     return last
 
 
-def _final_artifacts(trainable, cfg: LoopConfig, data: LoopData, rows, directory: Path) -> dict[str, float]:
+def _selection_summary(data: LoopData, rows) -> dict[str, float]:
+    """The validation summary metrics (`<split>_acr`, certified accuracies, abstain rate) of certified rows."""
+    from trainables import metrics as M
+    from trainables.metrics import RADII_BY_DATASET
+
+    return M.summarize(rows, RADII_BY_DATASET.get(data.info.name, (0.0,)), prefix=f"{data.sel_split}_")
+
+
+def _final_artifacts(trainable, cfg: LoopConfig, data: LoopData, rows, directory: Path) -> None:
     """Write the validation certification (TSV + plot, at their tracking.cert_*_artifact paths) and the
-    trainable's own files (C3 write_artifacts) beside model.pt; return the validation summary metrics."""
+    trainable's own files (C3 write_artifacts) beside model.pt."""
     from orchestrator.pool import model_fingerprint
     from trainables import metrics as M
     from trainables.metrics import RADII_BY_DATASET
@@ -355,7 +365,6 @@ def _final_artifacts(trainable, cfg: LoopConfig, data: LoopData, rows, directory
     M.plot_certified_accuracy({f"{cfg.trainable} ({data.sel_split})": M.read_tsv(tsv)},
                               directory / tracking.cert_plot_artifact(data.sel_split), radii=radii)
     trainable.write_artifacts(directory)
-    return M.summarize(rows, radii, prefix=f"{data.sel_split}_")
 
 
 # --- Ray entry points (module-level functions: picklable) ------------------------------------------------------

