@@ -332,7 +332,8 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                             callbacks=[callback], restore=previous is not None)
         grid = tuner.fit()
         cli_common.install_signal_handlers()   # Tune leaves its SIGINT handler behind (C7)
-        if grid.num_terminated + grid.num_errors < trials:  # Ctrl-C: Tune saved its state and returned early
+        # Ctrl-C / SIGTERM: Tune saved its state and returned early (trials it stopped may look errored)
+        if grid.num_terminated + grid.num_errors < trials or cli_common.received_signal is not None:
             for run in mlflow_utils.trial_runs(cl, experiment_id, parent).values():
                 if run.info.status == "RUNNING":
                     mlflow_utils.close_run(cl, run.info.run_id, "KILLED")

@@ -144,9 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         started = cluster.connect(args.address)
         try:
-            gpus_wanted = 0.0 if is_host(args.device) else args.gpus_per_trial
+            explicit = args.device != "auto"
+            gpus_wanted = 0.0 if explicit and is_host(args.device) else args.gpus_per_trial
             resources = cluster.trial_resources(1, args.cpus_per_trial, gpus_wanted, args.memory_per_trial)
-            if args.device != "auto" and not is_host(args.device) and not resources.use_gpu:
+            if explicit and not is_host(args.device) and not resources.use_gpu:
                 raise UsageError(f"--device {args.device}: the cluster has no GPU for the workers (on an "
                                  "autoscaling cluster pass --gpus-per-trial 1)")
             cpus, gpus = cluster.cluster_cpus_gpus()

@@ -223,9 +223,10 @@ def test_glean_latent_certification_runs_through_the_pool(ray_local, tmp_path):
     cmnist = load_dataset("cmnist", download=False)
     torch.manual_seed(0)
     glean = get_trainable("glean")({"hidden": 64}, cmnist.info, epochs=2)
+    spread = torch.linspace(0, len(cmnist.train) - 1, 512).long().tolist()   # both training environments
     for _ in range(2):
         glean.update(*(torch.stack(t) if isinstance(t[0], torch.Tensor) else torch.tensor(t)
-                       for t in zip(*(cmnist.train[i] for i in range(512)))))
+                       for t in zip(*(cmnist.train[i] for i in spread))))
     indices = [0, 3, 5, 8]
     settings = dict(n0=20, n=500, alpha=0.01, batch=100, seed=1)
     df = certify_with_pool(glean, cmnist.test, indices, out_dir=tmp_path / "glean", actors=2, shard_size=2,

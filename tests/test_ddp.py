@@ -35,7 +35,7 @@ TINY_CIFAR = DataInfo("cifar10", 10, (3, 8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.
 CASES: dict[str, tuple[DataInfo, int, dict]] = {
     "gaussian": (MNIST, 48, {"batch_size": 16, "lr": 0.05}),
     "drf-smoothadv": (MNIST, 32, {"batch_size": 16, "num_noise_vec": 2, "num_steps": 2, "kappa": 5,
-                                  "zeta": 0.5, "lr": 0.05}),
+                                  "zeta": 0.5, "lr": 0.05, "lam0": 0.05}),   # a λ at which distances differ
     "glean": (CMNIST, 64, {"batch_size": 32, "hidden": 16, "anneal_steps": 2, "lam": 50.0, "lr": 0.01}),
     "glean-two-half": (CMNIST, 64, {"batch_size": 32, "hidden": 16, "anneal_steps": 1, "lam": 50.0,
                                     "penalty_estimator": "two_half"}),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
+import sqlalchemy.exc
 import pytest
 from ray import tune
 
@@ -117,7 +118,10 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            study = _study(url) if (tmp_path / "optuna.db").exists() else None
+            try:   # the driver may still be creating the schema when the file appears
+                study = _study(url) if (tmp_path / "optuna.db").exists() else None
+            except sqlalchemy.exc.SQLAlchemyError:
+                study = None
             if study is not None:
                 states = [t.state.name for t in study.trials]
                 seen_running |= "RUNNING" in states

@@ -79,9 +79,10 @@ def read_idx(path: Path, name: str, fix: str) -> np.ndarray:
         raise bad(f"{len(raw)} bytes, shorter than the {header}-byte IDX header (empty or truncated)")
     magic = int.from_bytes(raw[:4], "big")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(1 + len(shape)))
-    if magic != magic_expected or dims != (count, *shape):
+    # the count is the header's own (the official files hold `count`; a smaller MNIST-format folder is valid)
+    if magic != magic_expected or dims[1:] != shape or dims[0] < 1:
         raise bad(f"IDX header says magic {magic:#x}, dims {dims}; expected {magic_expected:#x}, "
-                  f"{(count, *shape)}")
+                  f"(N, {', '.join(map(str, shape))}) (the official file: N = {count:,})".replace("(N, )", "(N,)"))
     size = header + int(np.prod(dims))
     if len(raw) != size:
         raise bad(f"{len(raw):,} bytes, expected {size:,} (truncated or padded)")
