@@ -300,13 +300,14 @@ def resolve_model_uri(uri: str, tracking_uri: str, dst: str | os.PathLike | None
     return LoadedModel(trainable, checkpoint, version, dict(mlmodel.get("metadata") or {}))
 
 
-def final_indices(selection: str, n_test: int, final_examples: int | None) -> list[int]:
-    """The test indices a sweep's final certification used (cli_common.make_selection, the one source)."""
+def final_indices(selection: str, n_test: int, final_examples: int | None, info) -> list[int]:
+    """The test indices a sweep's final certification used (cli_common.make_selection, the one source);
+    `info`: the dataset's DataInfo (whether it has a held-out test domain decides the reported examples)."""
     from types import SimpleNamespace
 
     from orchestrator.cli_common import make_selection
 
-    fake = SimpleNamespace(test=range(n_test), val=range(1))   # make_selection reads only lengths here
+    fake = SimpleNamespace(test=range(n_test), val=range(1), info=info)   # only lengths and info are read
     return make_selection(fake, selection, None, final_examples).test_indices
 
 
@@ -339,7 +340,8 @@ def certify_args_from_model(args) -> Any:
         if loaded.version.run_id else {}
     if "selection" not in settings:
         return None
-    return lambda n_test: final_indices(settings["selection"], n_test, settings.get("final_examples"))
+    info = loaded.trainable.info
+    return lambda n_test: final_indices(settings["selection"], n_test, settings.get("final_examples"), info)
 
 
 def certify_settings(version) -> dict[str, Any]:
