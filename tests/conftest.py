@@ -23,3 +23,14 @@ def ray_local():
 def mlflow_uri(tmp_path):
     """A real MLflow store: sqlite in a temporary directory (absolute URI, as Ray workers need)."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests, restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

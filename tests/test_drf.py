@@ -21,12 +21,8 @@ T = 10
 ALPHA = 2 * EPS / T          # DRF's step: SmoothAdv's 2ε/T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread per test module (conftest.one_torch_thread): the figures do not depend on the core count
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

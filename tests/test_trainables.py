@@ -22,12 +22,8 @@ FAST = {"smoothadv": {"num_steps": 2}, "consistency": {"num_steps": 2}, "drf-smo
         "drf-consistency": {"num_steps": 2}, "macer": {"num_noise_vec": 8}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one torch thread per test module (conftest.one_torch_thread): the figures do not depend on the core count
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
