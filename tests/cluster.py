@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import kill_session, session_pids
+from processes import kill_session, session_pids, stop_ray_node
 from s3 import free_port
 
 BIN = Path(sys.executable).parent
@@ -138,12 +137,7 @@ def two_nodes(tmp_path_factory):
         yield TwoNodes(f"127.0.0.1:{port}", driver_dir, hidden, env)
     finally:
         for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)   # `ray start --block` stops what it started on SIGTERM
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            kill_session(proc.pid)             # then anything left in its session, by PID
+            stop_ray_node(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
     for proc in procs:
         assert not session_pids(proc.pid)

@@ -32,3 +32,16 @@ def kill_session(sid: int) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.5)
+
+
+def stop_ray_node(proc) -> None:
+    """End a `ray start --block` process the test started: SIGTERM (it stops what it started), then anything
+    left in its session, by PID."""
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(proc.pid)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from orchestrator import tracking
 
-from processes import kill_session, session_pids
+from processes import session_pids, stop_ray_node
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -111,12 +110,7 @@ def test_ray_job_submit_smoke_sweep_results_outlive_the_job(tmp_path):
                   if p.name in ("mlflow.db", "mlruns", "ray_results", "certify-out")]
         assert not leaked, leaked
     finally:
-        head.send_signal(signal.SIGTERM)   # `ray start --block` stops what it started on SIGTERM
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_session(head.pid)             # then anything left in its session, by PID
+        stop_ray_node(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not session_pids(head.pid)
 
