@@ -48,6 +48,9 @@ import pandas as pd
 import torch
 
 from orchestrator.cli_common import UsageError, install_signal_handlers
+from orchestrator.provenance import differences as _differences
+from orchestrator.provenance import example as _example
+from orchestrator.provenance import examples_sha256  # noqa: F401  (certify imports it from here)
 from trainables import checkpoint
 from trainables.device import HOST, accelerator_type, session_device
 from trainables.smoothing import ALPHA, BATCH_SIZE, N, N0, min_certify_n
@@ -297,27 +300,6 @@ def exclusive_lock(out_dir: Path) -> Iterator[None]:
         os.close(fd)      # releases the lock
 
 
-def examples_sha256(data, indices: Sequence[int]) -> str:
-    """sha256 of the certified examples' content (pixels as float32 and labels, in `indices` order): the data's
-    identity, whatever folder, file format or download it came from."""
-    h = hashlib.sha256()
-    for i in indices:
-        x, y = _example(data, i)
-        h.update(x.contiguous().numpy().tobytes())
-        h.update(int(y).to_bytes(8, "little", signed=True))
-    return h.hexdigest()
-
-
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str]) -> str:
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now" for k in diff)
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text[:16] + "…'" if isinstance(v, str) and len(v) == 64 else text
-
-
 def check_resume(out_dir: Path, fingerprint: str, data: Mapping[str, Any] | None, old: dict | None = None) -> None:
     """Refuse to continue `out_dir` with another model or other data (one line listing every difference).
     Cheap and free of side effects: the CLI calls it before Ray starts."""
@@ -487,11 +469,6 @@ def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices
     df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
                     fingerprint=fingerprint)
     return df
-
-
-def _example(data, i: int) -> tuple[torch.Tensor, int]:
-    item = data[i]
-    return torch.as_tensor(item[0], dtype=torch.float32), int(item[1])
 
 
 def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,

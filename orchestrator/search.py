@@ -192,14 +192,23 @@ class SweepSearch(OptunaSearch):
         return config
 
     def restore(self, checkpoint_path: str) -> None:
-        """Tune's restore (`--resume`), then: a trial the study holds as RUNNING that the restored searcher does
-        not know was asked after Tune's last save by a driver that was killed; Tune will not run it, so it is
-        marked FAIL (user attr `orphaned`) instead of staying RUNNING in the dashboard forever."""
+        """Tune's restore (`--resume`), then reconcile the searcher with the study, which a killed driver may have
+        written after Tune's last save of the searcher:
+        - a trial the restored searcher knows but the study already holds as finished (the driver told it, then
+          was killed before Tune saved) counts as completed: Tune re-runs it from its checkpoint, and its repeated
+          results and completion are ignored (the study keeps the value it was told; Optuna refuses to update a
+          finished trial);
+        - a trial the study holds as RUNNING that the restored searcher does not know was asked after the last
+          save; Tune will not run it, so it is marked FAIL (user attr `orphaned`) instead of staying RUNNING in
+          the dashboard forever."""
         import optuna
 
         super().restore(checkpoint_path)
-        known = {t._trial_id for t in self._ot_trials.values()}
         storage_ = self._ot_study._storage
+        for tune_id, ot_trial in self._ot_trials.items():
+            if storage_.get_trial(ot_trial._trial_id).state.is_finished():
+                self._completed_trials.add(tune_id)
+        known = {t._trial_id for t in self._ot_trials.values()}
         for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if t._trial_id not in known:
                 storage_.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted sweep, never run")

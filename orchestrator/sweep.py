@@ -60,6 +60,7 @@ from orchestrator.cli_common import (UsageError, certify_split, format_table, lo
                                      make_selection, parse_sets, run_main)
 from orchestrator.cluster import add_resource_flags, check_resource_flags
 from orchestrator.mlflow_callback import MLflowTrialCallback
+from orchestrator.provenance import SWEEP_DATA_COMPARED, differences, sweep_data_identity
 from orchestrator.sweep_run import SweepSetup, build_tuner, checkpoint_file, close_sweep_runs, trial
 
 __all__ = ["main", "build_parser", "pareto_front", "trial"]
@@ -122,6 +123,21 @@ def _find_sweep(storage_uri: str, prefix: str) -> tuple[str, dict] | None:
         if text is not None:
             return name, json.loads(text)
     return None
+
+
+def _check_resume_data(previous: tuple[str, dict], identity: dict[str, Any]) -> None:
+    """Refuse (one line listing the differences) to resume a sweep on other data than it was started on: its
+    finished trials were trained and scored on those, and mixing the two would make its figures meaningless."""
+    name, state = previous
+    recorded = state.get("data")
+    if recorded is None:   # a sweep started before sweep.json recorded its data: nothing to compare against
+        print(f"warning: sweep {name} records no data provenance (an older version started it); resuming on "
+              f"{identity['source']} unchecked", file=sys.stderr)
+        return
+    shown = differences(recorded, identity, SWEEP_DATA_COMPARED)
+    if shown:
+        raise UsageError(f"sweep {name} was started on other data ({shown}); resume it with the data it was "
+                         f"started on (--data-root; it read {recorded.get('source')!r}), or run without --resume")
 
 
 def _reachable_trainables(space) -> list[str]:
@@ -229,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits = load_splits(dataset, args.data_root, budget, names[0])
     selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(names[0]))
     objectives = _protocol_objectives(objectives, selection.method)
+    data_identity = sweep_data_identity(splits, selection)
+    if previous is not None:
+        _check_resume_data(previous, data_identity)
     data = loop_data(splits, selection)
 
     # 2. Ray and its pre-flight (resources, storage shared, data on every node), then MLflow and the Tuner
@@ -238,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             args.memory_per_trial)
         cluster.preflight(storage_uri, cluster.data_paths(splits))
         return _run(args, budget, trials, objectives, space, names, dataset, splits, selection, data,
-                    tracking_uri, storage_uri, prefix, previous, key, resources)
+                    tracking_uri, storage_uri, prefix, previous, key, resources, data_identity)
     finally:
         if started:
             import ray
@@ -246,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, splits, selection, data,
-         tracking_uri: str, storage_uri: str, prefix: str, previous, key: dict, resources) -> int:
+         tracking_uri: str, storage_uri: str, prefix: str, previous, key: dict, resources,
+         data_identity: dict[str, Any]) -> int:
     import ray
     from ray import tune
 
@@ -281,7 +301,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
                  "experiment_id": experiment_id, "parent_run_id": parent, "git_commit": commit,
                  "optuna_storage": args.optuna_storage or default_storage_url(
                      tracking_uri, st.local_dir(st.join(storage_uri, sweep_name)) or defaults.stable_home()),
-                 "optuna_study": sweep_name}
+                 "optuna_study": sweep_name, "data": data_identity}
         mlflow_utils.log_params(cl, parent, {"optuna_storage": mlflow_utils.redact(state["optuna_storage"]),
                                              "optuna_study": state["optuna_study"]})
         st.write_text(st.join(storage_uri, sweep_name, SWEEP_FILE), json.dumps(state, indent=2))
@@ -296,6 +316,9 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         state.setdefault("optuna_storage", args.optuna_storage or default_storage_url(
             tracking_uri, st.local_dir(st.join(storage_uri, sweep_name)) or defaults.stable_home()))
         state.setdefault("optuna_study", sweep_name)
+        if "data" not in state:   # an older sweep: record what it resumes on from now on
+            state["data"] = data_identity
+            st.write_text(st.join(storage_uri, sweep_name, SWEEP_FILE), json.dumps(state, indent=2))
         cl.update_run(parent, status="RUNNING")
     sweep_uri = st.join(storage_uri, sweep_name)
     print(f"sweep {st.redact(sweep_uri)}\nMLflow: experiment {experiment!r}, parent run {parent} ({mlflow_utils.redact(tracking_uri)})",

@@ -361,3 +361,48 @@ def test_certify_resume_refuses_other_data_and_a_locked_out(assets, tmp_path, ca
 
     assert certify.main(["--resume", "--out", str(out), "--no-progress"]) == 0
     assert "computed 0 shards, reused 3" in capsys.readouterr().out
+
+
+# --- sweep: provenance ------------------------------------------------------------------------------------------
+def test_sweep_resume_refuses_other_data(ws, capsys):
+    """Issue 15, "the same for sweep resume": sweep.json records the data a sweep was started on (content hashes
+    of its selection and test examples and of a training sample); `--resume --data-root ALT` (valid MNIST, the
+    test order reversed) is refused with one line naming what differs, before Ray starts or anything is written;
+    the data it was started on passes the same check."""
+    import json
+
+    import numpy as np
+
+    from orchestrator.budgets import get_budget
+    from orchestrator.cli_common import load_splits, make_selection
+    from orchestrator.provenance import sweep_data_identity
+
+    folder, _ = ws
+    rng = np.random.default_rng(1)
+    test_x, test_y = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), rng.integers(0, 10, 40).astype(np.uint8)
+    data = _write_mnist(folder / "R", test_x, test_y)
+    alt = _write_mnist(folder / "ALT", test_x[::-1], test_y[::-1])
+    storage = folder / "ray_results"
+    argv = ["gaussian", "--budget", "smoke", "--trials", "2", "--tracking-uri", S.format(ws=folder),
+            "--storage", str(storage), "--resume"]
+    assert run_main(sweep.main, argv + ["--data-root", str(data)]) == 2      # nothing to resume yet: its name
+    prefix = capsys.readouterr().err.split("(")[-1].split("*")[0]
+    budget = get_budget("smoke")
+    splits = load_splits("mnist", str(data), budget, "gaussian")
+    selection = make_selection(splits, None, budget.search_examples, budget.final_examples_for("gaussian"))
+    identity = sweep_data_identity(splits, selection)
+    (storage / f"{prefix}20261128-120000").mkdir(parents=True)
+    state = {"status": "running", "tracking_uri": S.format(ws=folder), "data": identity}
+    (storage / f"{prefix}20261128-120000" / "sweep.json").write_text(json.dumps(state))
+    before = snapshot(folder)
+
+    assert run_main(sweep.main, argv + ["--data-root", str(alt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other data" in err[0] and "test_examples_sha256" in err[0], err
+    assert "train_sample_sha256" not in err[0]                 # the training split is the same
+    assert snapshot(folder) == before
+
+    recorded = (storage / f"{prefix}20261128-120000", state)
+    sweep._check_resume_data(recorded, identity)             # the same data: no refusal
+    splits_again = load_splits("mnist", str(data), budget, "gaussian")
+    assert sweep_data_identity(splits_again, selection) == identity

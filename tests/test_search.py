@@ -89,6 +89,35 @@ def test_stopped_trials_are_pruned_failed_ones_failed_and_the_searcher_survives_
     pickle.loads(pickle.dumps(restored))                                # still picklable for Tune's next save
 
 
+def test_a_trial_told_after_the_last_save_is_rerun_by_tune_without_touching_the_study(tmp_path):
+    """The CI failure of 2026-11-28: the driver told a trial COMPLETE, was SIGKILLed before Tune saved the
+    searcher, and on `--resume` Tune re-ran that trial from its checkpoint; reporting its repeated epochs to the
+    finished Optuna trial raised UpdateFinishedTrialError and ended the resumed sweep."""
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    s = search.build_searcher("tpe", 0, trials=3, concurrency=1, objectives=("val_acr",), storage_url=url,
+                              study_name="sweep-b", planned_epochs=2)
+    s.set_search_properties(None, None, {"lr": tune.loguniform(1e-3, 1e-1)})
+    s.suggest("t1")
+    s.on_trial_result("t1", {"epoch": 1, "val_acr": 0.1})
+    s.save(str(tmp_path / "searcher.pkl"))                              # Tune's last save: t1 still running
+    s.on_trial_result("t1", {"epoch": 2, "val_acr": 0.3})
+    s.on_trial_complete("t1", {"epoch": 2, "val_acr": 0.3})            # told, then the driver is killed
+
+    restored = search.build_searcher("tpe", 0, 3, 1, ("val_acr",), url, "sweep-b", planned_epochs=2)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    for epoch, acr in ((1, 0.1), (2, 0.3)):                             # Tune re-runs t1 from its checkpoint
+        restored.on_trial_result("t1", {"epoch": epoch, "val_acr": acr})
+    restored.on_trial_complete("t1", {"epoch": 2, "val_acr": 0.3})
+    restored.suggest("t2")
+    restored.on_trial_result("t2", {"epoch": 2, "val_acr": 0.2})
+    restored.on_trial_complete("t2", {"epoch": 2, "val_acr": 0.2})
+    study = optuna.load_study(study_name="sweep-b", storage=url)
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert {k: (t.state.name, t.value) for k, t in by_tune.items()} == {"t1": ("COMPLETE", 0.3),
+                                                                         "t2": ("COMPLETE", 0.2)}
+    assert by_tune["t1"].intermediate_values == {1: 0.1, 2: 0.3}
+
+
 def _trial_runs(uri: str) -> list:
     cl = mlflow.MlflowClient(uri)
     ids = [e.experiment_id for e in cl.search_experiments()]
