@@ -6,17 +6,14 @@ written (the commands check names, ranges, data and the cluster address before t
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 #: seed of the data subsampling (max_train/max_val): fixed, so sweeps with different --seed see the same data

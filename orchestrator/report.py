@@ -162,10 +162,9 @@ def sweep_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path, com
                  ) -> list[Path]:
     """Write the sweep's report into out_dir (see the module doc) and log it as artifacts of the sweep run
     (artifact folder `report/`). Returns the written paths."""
-    import mlflow
-
     from orchestrator import compare, mlflow_utils
     from orchestrator.search import study_of_sweep
+    from orchestrator.sweep_plots import plot_sweep
 
     cl = mlflow_utils.client(tracking_uri)
     parent = cl.get_run(parent_run_id)
@@ -240,7 +239,7 @@ def sweep_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path, com
             opt.text.append(f"Study {study.study_name!r}: {len(study.trials)} trials, objectives "
                             f"{', '.join(study.metric_names or [])}.")
             opt.tables.append(("Trials", _trials_table(study)))
-        for path in compare.plot_sweep(cl, parent_run_id, tmp):
+        for path in plot_sweep(cl, parent_run_id, tmp):
             label = "optimisation history" if "history" in path.name else \
                 "parameter importances" if "importance" in path.name else "Pareto front"
             opt.images.append((label, path))

@@ -93,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator import mlflow_utils
     from orchestrator.mlflow_callback import MLflowTrainCallback, log_checkpoint_dir, log_report, logged_epochs
     from orchestrator.train_loop import LocalSession, LoopConfig, describe_exception, run_training
-    from trainables.hparams import resolve
     from trainables.registry import UnknownTrainableError, get_trainable
 
     # check everything first: nothing is written on bad input
@@ -115,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dataset not in cls.DATASETS:
         raise UsageError(f"{name} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
     try:
-        hparams = resolve(cls.HPARAMS, overrides, owner=name)
+        hparams = cls.resolve_hparams(overrides, dataset)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     from trainables.device import check_spec, is_host, resolve_device

@@ -41,6 +41,7 @@ class TwoNodes:
     driver_dir: Path      # the driver's working directory: hidden from the worker node
     hidden: Path          # a folder the driver sees and the worker does not
     env: dict
+    worker_sid: int       # the worker node's process session: every process it starts (trials, actors) is in it
 
     def run(self, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
         """`python -m <args>` as a driver of this cluster (from driver_dir)."""
@@ -128,13 +129,13 @@ def two_nodes(tmp_path_factory):
                     return
                 except _NodeFailed:
                     kill_session(proc.pid)
-            pytest.fail(f"the two-node cluster did not come up: " + " | ".join(
+            pytest.fail("the two-node cluster did not come up: " + " | ".join(
                 f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(base.glob("*.log"))))
 
         start(head_cmd, "head.log", 1, cwd=driver_dir)
         start(["unshare", "-m", "--propagation", "private", "bash", "-c",
                f"{mounts} && cd / && exec {worker_cmd}"], "worker.log", 2)
-        yield TwoNodes(f"127.0.0.1:{port}", driver_dir, hidden, env)
+        yield TwoNodes(f"127.0.0.1:{port}", driver_dir, hidden, env, worker_sid=procs[-1].pid)
     finally:
         for proc in reversed(procs):
             stop_ray_node(proc)

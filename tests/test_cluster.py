@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from orchestrator import tracking
 
-from processes import session_pids, stop_ray_node
+from processes import kill_session, session_pids, stop_ray_node
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -233,6 +234,60 @@ def test_two_nodes_default_sweep_with_shared_storage(two_nodes, s3_server):
         steps = [m.step for m in cl.get_metric_history(r.info.run_id, "epoch")]
         assert len(steps) == len(set(steps)) >= 1
     assert not (two_nodes.driver_dir / "mlruns").exists() or list((two_nodes.driver_dir / "mlruns").iterdir())
+
+
+def _trial_processes(sid: int) -> list[int]:
+    """The Tune trial processes (function trainables run in `ray::ImplicitFunc` actors) of process session `sid`."""
+    found = []
+    for pid in session_pids(sid):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::ImplicitFunc"):
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_nodes_trial_process_killed_mid_run_restarts_from_its_checkpoint(two_nodes, s3_server, tmp_path):
+    """Issue 11, fault tolerance: the trial's process on the worker node is SIGKILLed after its first epoch was
+    reported (with its checkpoint); Tune restarts the trial (max_failures >= 2) from that checkpoint, the sweep
+    completes, and the trial's MLflow run, written by the driver only, holds every epoch exactly once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "orchestrator.sweep", "gaussian", "--budget", "quick", "--trials", "1",
+            "--address", two_nodes.address, "--storage", s3_server.uri("trial-kill"), "--tracking-uri", uri]
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen(args, cwd=two_nodes.driver_dir, env=two_nodes.env, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    killed = None
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and killed is None:
+            assert proc.poll() is None, "the sweep ended before its trial could be killed: " + log.read_text()[-3000:]
+            trials = [r for r in _store_runs(uri) if r.data.tags.get(tracking.TAG_ROLE) == "trial"] \
+                if (tmp_path / "mlflow.db").exists() else []
+            if trials and trials[0].data.metrics.get(tracking.EPOCH, 0) >= 1:
+                victims = _trial_processes(two_nodes.worker_sid)
+                assert len(victims) == 1, f"expected one trial process on the worker node, found {victims}"
+                os.kill(victims[0], signal.SIGKILL)
+                killed = victims[0]
+            time.sleep(0.5)
+        assert killed is not None, "no epoch was reported within 420 s: " + log.read_text()[-3000:]
+        rc = proc.wait(timeout=600)
+    finally:
+        kill_session(proc.pid)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    assert "test ACR" in out
+    runs = _store_runs(uri)
+    [trial] = [r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "trial"]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    epochs = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(trial.info.run_id, tracking.EPOCH)]
+    assert sorted(epochs) == [1, 2], f"every epoch exactly once, got {epochs}"
+    assert killed not in _trial_processes(two_nodes.worker_sid), "the killed process is gone"
+    assert trial.data.tags.get("restarts") == "1", f"Tune restarted the trial once: {trial.data.tags}"
 
 
 @pytest.mark.slow

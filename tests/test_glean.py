@@ -305,6 +305,25 @@ def test_an_understated_L_is_caught():
     assert any(b.startswith("layer 1 Scaled") for b in bad) and any(b.startswith("encoder") for b in bad), bad
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (4, 6, 3, 3)])
+def test_maxmin_has_torch_maximum_minimum_values_and_gradients(shape):
+    """MaxMin's own backward (trainables/lipschitz.py: faster than torch.maximum/minimum's) gives the same values
+    and gradients as torch.maximum/minimum away from ties, and passes float64 grad- and gradgradcheck (IRM's
+    penalty differentiates through it)."""
+    from trainables.lipschitz import MaxMin
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    k = shape[1] // 2
+    a, b = x[:, :k], x[:, k:2 * k]
+    reference = torch.cat([torch.maximum(a, b), torch.minimum(a, b), x[:, 2 * k:]], dim=1)
+    w = torch.randn(*shape, dtype=torch.float64)
+    assert torch.equal(MaxMin()(x), reference)
+    assert torch.equal(torch.autograd.grad((MaxMin()(x) * w).sum(), x)[0],
+                       torch.autograd.grad((reference * w).sum(), x)[0])
+    assert torch.autograd.gradcheck(MaxMin(), (x,)) and torch.autograd.gradgradcheck(MaxMin(), (x,))
+
+
 def test_L_is_float64_with_a_rounding_margin():
     from trainables.lipschitz import ROUNDING_MARGIN
     t = Glean({"hidden": 16}, CMNIST)

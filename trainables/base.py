@@ -52,7 +52,7 @@ class Trainable:
                  device: str | torch.device = HOST):
         """`epochs` is the run's total, so schedules (lr decay, ε warm-up) can scale with the budget.
         `device`: a torch.device or a spec for trainables.device.resolve_device ("auto", "cpu", "cuda:K")."""
-        self.hparams = resolve(self.HPARAMS, hparams, owner=self.NAME)
+        self.hparams = self.resolve_hparams(hparams, info.name)
         self.epochs = int(epochs)
         if info.name not in self.DATASETS:
             raise ValueError(f"{self.NAME} is not defined on dataset {info.name!r}; "
@@ -64,6 +64,22 @@ class Trainable:
         self.optimizer = self.build_optimizer()
         self.step = 0
         self.batch_keys: BatchKeys | None = None
+
+    @classmethod
+    def dataset_defaults(cls, dataset: str) -> dict[str, Any]:
+        """Values for hyperparameters declared with default None ("the dataset's default"), per dataset."""
+        return {}
+
+    @classmethod
+    def resolve_hparams(cls, hparams: Mapping[str, Any] | None, dataset: str) -> dict[str, Any]:
+        """Every hyperparameter's value for `dataset`: the overrides checked by their rules, the declared
+        defaults, then the dataset's defaults for those still None. The drivers log these, and the
+        trainable trains with exactly these (one source of truth for what a run used)."""
+        full = resolve(cls.HPARAMS, hparams, owner=cls.NAME)
+        for key, value in cls.dataset_defaults(dataset).items():
+            if full.get(key) is None:
+                full[key] = value
+        return full
 
     # --- to override -------------------------------------------------------------------------------
     def build_net(self) -> nn.Module:

@@ -53,10 +53,9 @@ base classifier is reported next to it as `det_radius` / `det_predict` (see Late
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainables.base import Trainable
@@ -261,8 +260,10 @@ class Glean(Trainable):
                 f"risks across them); dataset {info.name!r} has {info.num_train_domains}. "
                 f"Use one of {', '.join(self.DATASETS)}.")
         super().__init__(hparams, info, epochs, device)
-        if self.hparams["batch_size"] is None:
-            self.hparams["batch_size"] = BATCH_BY_DATASET.get(info.name, 128)
+
+    @classmethod
+    def dataset_defaults(cls, dataset: str) -> dict[str, Any]:
+        return {"batch_size": BATCH_BY_DATASET.get(dataset, 128)}
 
     def epoch_steps(self, domains: torch.Tensor, seed: int, epoch: int, rank: int = 0, world: int = 1
                     ) -> Iterator[tuple[torch.Tensor, BatchKeys]]:

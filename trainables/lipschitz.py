@@ -32,15 +32,38 @@ from trainables.device import HOST
 from trainables.models import Normalize
 
 
+class _MaxMinFunction(torch.autograd.Function):
+    """(a, b, rest) -> (max(a, b), min(a, b), rest) along dim 1, with a backward that routes each output's
+    gradient to the input it came from by one saved mask. Why not torch.maximum/minimum: their backward
+    builds tie masks, zero-filled slices and a concatenation per call, and measured 0.62 s of a 1.8 s GLEAN
+    step on 45,000 CMNIST examples (one core); this backward is two `where`s and one `cat`. At exact ties
+    (a == b) the gradient goes to `a` instead of half to each: both are subgradients of max/min, and the
+    function (hence every certificate) is the same. The backward is built from differentiable ops, so double
+    backward works (IRM's penalty differentiates through the network)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[1] // 2
+        a, b, rest = x[:, :k], x[:, k:2 * k], x[:, 2 * k:]
+        mask = a >= b
+        ctx.save_for_backward(mask)
+        return torch.cat([torch.where(mask, a, b), torch.where(mask, b, a), rest], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (mask,) = ctx.saved_tensors
+        k = mask.shape[1]
+        hi, lo, rest = grad[:, :k], grad[:, k:2 * k], grad[:, 2 * k:]
+        return torch.cat([torch.where(mask, hi, lo), torch.where(mask, lo, hi), rest], dim=1)
+
+
 class MaxMin(nn.Module):
     """GroupSort of group size 2 along dim 1: features (a, b) of the two halves -> (max(a,b), min(a,b)).
 
     With an odd number of features the last one passes through unchanged (still 1-Lipschitz)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[1] // 2
-        a, b, rest = x[:, :k], x[:, k:2 * k], x[:, 2 * k:]
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b), rest], dim=1)
+        return _MaxMinFunction.apply(x)
 
 
 class GlobalAvgPool(nn.Module):
