@@ -103,6 +103,7 @@ class Budget:
 #: needs the data -- test ACR 0.030-0.041 at 4,000, 0.195 at 45,000 with the same trainable, benchmarks/
 #: RESULTS.md), 2 trials run side by side (one core each): the declared defaults (the sweep evaluates them
 #: first) and one TPE sample from the narrowed ranges of trainables/glean.py; oracle selection picks.
+#: Measured on 2 idle cores: 514 s, test-domain 62.9% at r = 0, ACR 0.1953 (benchmarks/RESULTS.md).
 QUICK_GLEAN_STEPS = 250
 QUICK_GLEAN_TRAIN: int | None = None
 QUICK_GLEAN_TRIALS = 2

@@ -244,10 +244,11 @@ def trial_resources(workers: int, cpus: float | None, gpus: float | None, memory
         per = gpus if gpus else cpus
         capacity = int((total_gpus if gpus else total_cpus) // per) if per else len(nodes)
         return TrialResources(trial, {}, bool(gpus), max(capacity, 0))
-    # the trial only drives the TorchTrainer; its workers hold the CPUs/GPUs. On one machine the trial must not
-    # hold a CPU its workers need ({"cpu": 0} alone is rejected by Tune, hence the memory of 1 byte: see
-    # ../shared/notes/ray-2.60-on-2-cpus.md); on a cluster it takes a small CPU share like Train's controller.
-    trial = {"cpu": 0, "memory": 1} if len(nodes) <= 1 else {"cpu": 0.1}
+    # the trial only drives the TorchTrainer; its workers hold the CPUs/GPUs. Like Ray Train's own controller
+    # (ray.train.v2 DataParallelTrainer: num_cpus=0) the trial holds no CPU, so W workers fit a node of W CPUs
+    # (a CPU share such as 0.1 would make W + 0.1 on such a node: the trial pending forever). {"cpu": 0} alone
+    # is rejected by Tune, hence the memory of 1 byte (../shared/notes/ray-2.60-on-2-cpus.md).
+    trial = {"cpu": 0, "memory": 1}
     per = (gpus if gpus else cpus) * workers
     capacity = int((total_gpus if gpus else total_cpus) // per) if per else len(nodes)
     return TrialResources(trial, bundle, bool(gpus), max(capacity, 0))

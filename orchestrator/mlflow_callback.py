@@ -105,12 +105,26 @@ def _retrying(fn, *args, tries: int = 5, **kwargs):
             time.sleep(0.5 * 2 ** attempt)
 
 
-def _error_line(trial) -> str:
+def _local_error_text(trial) -> str | None:
+    """The error Tune has just written beside the driver (`Trial.handle_error` writes error.txt locally before
+    it calls the callbacks; the copy in the storage that get_pickled_error/get_error read is synced later, so on
+    a fast failure they still find nothing)."""
     try:
-        err = trial.get_pickled_error() or trial.get_error()
+        path = trial.error_file
+        return Path(path).read_text() if path and Path(path).is_file() else None
     except Exception:  # noqa: BLE001 - older/other Trial objects
-        err = None
-    text = str(err) if err is not None else (getattr(trial, "error_msg", None) or "the trial failed")
+        return None
+
+
+def _error_line(trial) -> str:
+    """The last line of the trial's latest error (e.g. "ValueError: mix_step=5 must be <= num_steps=2")."""
+    text = _local_error_text(trial)
+    if text is None:
+        try:
+            err = trial.get_pickled_error() or trial.get_error()
+        except Exception:  # noqa: BLE001 - older/other Trial objects
+            err = None
+        text = str(err) if err is not None else (getattr(trial, "error_msg", None) or "the trial failed")
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "the trial failed")[:500]
 

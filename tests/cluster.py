@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import kill_session, session_pids, stop_ray_node
+from processes import describe, kill_session, session_pids, stop_ray_node
 from s3 import free_port
 
 BIN = Path(sys.executable).parent
@@ -141,4 +141,4 @@ def two_nodes(tmp_path_factory):
             stop_ray_node(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
     for proc in procs:
-        assert not session_pids(proc.pid)
+        assert not session_pids(proc.pid), describe(session_pids(proc.pid))

@@ -131,9 +131,11 @@ def _study(url: str):
 
 
 @pytest.mark.slow
-def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
+def test_killed_driver_resumes_the_sweep_its_runs_and_its_study(tmp_path):
     """A real sweep (gaussian, smoke budget, 3 trials one at a time): the study is in the default storage beside
-    the MLflow sqlite file while the sweep runs; the driver is SIGKILLed; `--resume` continues the same study."""
+    the MLflow sqlite file while the sweep runs; the driver is SIGKILLed after a trial completed; `--resume`
+    finishes the sweep with every trial exactly once in MLflow (all FINISHED) and continues the same study; a
+    second `--resume` recomputes nothing. (One test for the sweep's and the study's resume: each costs a sweep.)"""
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     n = 3
@@ -175,6 +177,14 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
     done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           start_new_session=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "test ACR" in done.stdout
+    cl = mlflow.MlflowClient(mlflow_uri)
+    every = cl.search_runs([e.experiment_id for e in cl.search_experiments()], max_results=1000)
+    [parent] = [r for r in every if r.data.tags.get(tracking.TAG_ROLE) == "sweep"]
+    trial_runs = _trial_runs(mlflow_uri)
+    ids = [r.data.tags[tracking.TAG_TUNE_TRIAL] for r in trial_runs]
+    assert len(ids) == len(set(ids)) == n, "every trial exactly once in MLflow"
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in trial_runs)
     study = _study(url)
     assert study is not None and study.study_name == mid.study_name, "one study, continued"
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -187,3 +197,8 @@ def test_study_is_readable_during_the_sweep_and_continues_on_resume(tmp_path):
     for t in complete:
         assert t.value == pytest.approx(runs[t.user_attrs["tune_trial_id"]].data.metrics[tracking.VAL_ACR])
         assert t.params["lr"] == pytest.approx(float(runs[t.user_attrs["tune_trial_id"]].data.params["lr"]))
+
+    again = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert len(cl.search_runs([e.experiment_id for e in cl.search_experiments()], max_results=1000)) == \
+        len(every), "a finished sweep is not recomputed"

@@ -2,16 +2,11 @@
 
 - a smoke sweep (1 trial, smoke budget) for every registered trainable, in-process on the session's Ray;
 - a crashing trial is recorded FAILED and the sweep goes on;
-- a driver SIGKILLed mid-sweep, then `--resume`: every trial once in MLflow, none lost, none RUNNING;
+- (a driver SIGKILLed mid-sweep, then `--resume`: in tests/test_search.py, with the Optuna study's checks);
 - bad input: one line on stderr, exit code 2, nothing written.
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -23,7 +18,6 @@ from trainables import checkpoint as ckpt_io
 from trainables import metrics as M
 from trainables.registry import TRAINABLES
 
-from processes import kill_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ["--budget", "smoke", "--trials", "1"]
@@ -103,49 +97,8 @@ def test_crashing_trial_is_recorded_and_the_sweep_goes_on(ray_local, mlflow_uri,
     assert rc == 0 and all(r.data.params["mix_step"] == "0" for r in finished)
 
 
-def test_resume_after_killed_driver(mlflow_uri, tmp_path):
-    storage = tmp_path / "ray"
-    trials_n = 6
-    args = [sys.executable, "-m", "orchestrator.sweep", "gaussian", "--budget", "smoke", "--trials", str(trials_n),
-            "--concurrency", "1", "--tracking-uri", mlflow_uri, "--storage", str(storage)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # kill once a trial has reported and Tune has saved its state
-            # sweep.json is written after the driver created the store: reading earlier races its migrations
-            trials = _by_role(_runs(mlflow_uri), "trial") if list(storage.glob("*/sweep.json")) else []
-            if any(tracking.VAL_ACR in r.data.metrics for r in trials) and list(storage.glob("*/experiment_state*")):
-                break
-            assert proc.poll() is None, ("the sweep ended before it could be killed: "
-                                         + (tmp_path / "driver.log").read_text()[-3000:])
-            time.sleep(1)
-        else:
-            pytest.fail("no trial reported within 240 s")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        kill_session(proc.pid)
-    reported = [r for r in _by_role(_runs(mlflow_uri), "trial") if tracking.VAL_ACR in r.data.metrics]
-    assert 1 <= len(reported) < trials_n, "the kill came too late to test anything"
-
-    done = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "test ACR" in done.stdout
-    runs = _runs(mlflow_uri)
-    (parent,) = _by_role(runs, "sweep")
-    trials = _by_role(runs, "trial")
-    ids = [r.data.tags[tracking.TAG_TUNE_TRIAL] for r in trials]
-    assert len(ids) == len(set(ids)) == trials_n, "every trial exactly once in MLflow"
-    assert parent.info.status == "FINISHED"
-    assert all(r.info.status == "FINISHED" for r in trials)
-
-    again = subprocess.run(args + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "already complete" in again.stdout
-    assert len(_runs(mlflow_uri)) == len(runs), "a finished sweep is not recomputed"
+# A SIGKILLed driver and `--resume` (every trial once in MLflow, the same Optuna study, a finished sweep not
+# recomputed): tests/test_search.py::test_killed_driver_resumes_the_sweep_its_runs_and_its_study.
 
 
 @pytest.mark.parametrize("argv, message", [
