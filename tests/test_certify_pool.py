@@ -95,6 +95,29 @@ def test_one_and_three_actors_give_the_same_tsv(ray_local, ckpt, mnist, referenc
     assert json.loads((tmp_path / "three" / "manifest.json").read_text())["complete"] is True
 
 
+def test_a_small_certification_runs_in_the_driver_with_the_pools_rows(ray_local, ckpt, mnist, reference,
+                                                                     one_actor_out, tmp_path, monkeypatch):
+    """Below LOCAL_SAMPLES noise samples and without an actor count, the driver certifies in its own process
+    (no actor is started: the class the pool would start is made to fail) and writes the same shards, manifest
+    and TSV as the pool, with the same rows; a resume of that directory with actors reuses every shard."""
+    from orchestrator import pool
+
+    assert len(INDICES) * (SETTINGS["n0"] + SETTINGS["n"]) <= pool.LOCAL_SAMPLES
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a small certification started actors")
+
+    monkeypatch.setattr(pool, "_run_pool", no_pool)
+    local = certify_with_pool(ckpt, mnist.test, INDICES, out_dir=tmp_path / "local", shard_size=5, progress=False,
+                              timeout_s=RAY_TIMEOUT, **SETTINGS)
+    same_rows(local, reference)
+    same_rows(local, one_actor_out[1])
+    monkeypatch.undo()
+    again = certify_with_pool(ckpt, mnist.test, INDICES, out_dir=tmp_path / "local", shard_size=5, actors=1,
+                              progress=False, timeout_s=RAY_TIMEOUT, **SETTINGS)
+    assert again.attrs["shards_reused"] == 3 and again.attrs["shards_computed"] == 0
+
+
 def test_killed_actor_is_replaced_and_its_shard_redone(ray_local, ckpt, mnist, tmp_path):
     pids: dict[int, int] = {}            # actor index -> pid seen in its last result
     killed: dict[str, int] = {}

