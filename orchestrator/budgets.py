@@ -125,6 +125,11 @@ BUDGETS: dict[str, Budget] = {
     "paper": Budget("paper", epochs={"mnist": 90, "cmnist": 501, "cifar10": 150, "celeba": 30, "domainnet": 30},
                     max_train=None, max_val=None, evals=4, search_n0=N0, search_n=10_000, search_examples=500,
                     final_n0=N0, final_n=N, final_examples=None, trials=32, final_for={"glean": (N, None)},
+                    # GLEAN's rungs after its penalty: with 4 evaluations (rungs 62, 125, 250, 501) ASHA would compare
+                    # trials still annealing (anneal_steps up to 150), all colour-reliant: measured in
+                    # benchmarks/RESULTS.md ("Search vs random search"), every pruned trial was stopped before its
+                    # anneal_steps. 2 evaluations: rungs 250 and 501.
+                    evals_for={"glean": 2},
                     description="the papers' budget (GPU)"),
 }
 DEFAULT_BUDGET = "quick"
