@@ -224,8 +224,12 @@ def test_bad_input_exits_2_with_one_line(ray_local, ckpt, mnist, one_actor_out, 
 def test_certify_run_id_logs_to_the_training_run(ray_local, ckpt, mlflow_uri, tmp_path, capsys):
     import mlflow
 
+    from orchestrator import mlflow_utils
+
     mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.set_experiment("certify-test")
+    # artifacts beside the test's store (a bare set_experiment would put them in ./mlruns of the checkout)
+    mlflow.set_experiment(experiment_id=mlflow_utils.ensure_experiment(mlflow.MlflowClient(mlflow_uri),
+                                                                       "certify-test", mlflow_uri))
     with mlflow.start_run(tags={tracking.TAG_ROLE: "train", tracking.TAG_TRAINABLE: "gaussian"}) as run:
         mlflow.log_artifact(str(ckpt), artifact_path=str(Path(tracking.CHECKPOINT_ARTIFACT).parent))
     run_id = run.info.run_id
