@@ -39,6 +39,8 @@ STUDY_DB = "optuna.db"
 EPOCH_KEY = "epoch"
 #: Optuna trial user attribute holding Tune's trial id (the MLflow trial run's tag tune_trial_id)
 TUNE_TRIAL_ATTR = "tune_trial_id"
+#: study user attribute: numbers of finished trials a killed driver told after Tune's last save (redone by Tune)
+ORPHANS_ATTR = "orphaned_trials"
 
 
 def tpe_startup_trials(trials: int) -> int:
@@ -209,10 +211,19 @@ class SweepSearch(OptunaSearch):
             if storage_.get_trial(ot_trial._trial_id).state.is_finished():
                 self._completed_trials.add(tune_id)
         known = {t._trial_id for t in self._ot_trials.values()}
-        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t._trial_id not in known:
+        orphans = set(self._ot_study.user_attrs.get(ORPHANS_ATTR, []))
+        for t in self._ot_study.get_trials(deepcopy=False):
+            if t._trial_id in known:
+                continue
+            if t.state == optuna.trial.TrialState.RUNNING:
                 storage_.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted sweep, never run")
                 storage_.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            elif t.state.is_finished():
+                # told by the killed driver before Tune saved the trial: Tune redoes it under a new id. Optuna
+                # cannot change a finished trial, so the study lists it (its value still informs the sampler)
+                orphans.add(t.number)
+        if orphans:
+            self._ot_study.set_user_attr(ORPHANS_ATTR, sorted(orphans))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list) or trial_id in self._completed_trials:

@@ -118,28 +118,34 @@ def build_tuner(*, trainable, space, objectives, searcher, trials: int, concurre
 
 def close_sweep_runs(cl, experiment_id: str, parent: str, results) -> dict[str, str]:
     """After Tuner.fit: the safety net behind MLflowTrialCallback. Every trial run still RUNNING is closed
-    (FAILED for an errored result, else FINISHED); a run whose trial Tune never saved (started by a driver
-    killed before Tune's state was written: Tune reruns that work under a new trial id after --resume) is
-    deleted so no trial counts twice. Returns Tune trial id -> MLflow run id."""
+    (FAILED for an errored result, else FINISHED); a run whose trial Tune never saved (started, even finished,
+    by a driver killed before Tune's state was written: Tune reruns that work under a new trial id after
+    --resume) is tagged orphaned and deleted so no trial counts twice. Returns Tune trial id -> MLflow run id
+    of the kept runs."""
     from orchestrator import mlflow_utils
 
     runs = mlflow_utils.trial_runs(cl, experiment_id, parent)
     known = {str((r.metrics or {}).get("trial_id", "")) for r in results} | {Path(r.path).name for r in results
                                                                               if r.path}
     errored = {str((r.metrics or {}).get("trial_id", "")): r for r in results if r.error is not None}
+    kept = {}
     for tune_id, run in runs.items():
+        if not any(tune_id and (tune_id == k or tune_id in k) for k in known):
+            # whatever its status: a killed driver may even have finished it before Tune saved the trial
+            mlflow_utils.set_tags(cl, run.info.run_id, {tracking.TAG_ERROR: "orphaned by an interrupted sweep"})
+            if run.info.status == "RUNNING":
+                mlflow_utils.close_run(cl, run.info.run_id, "KILLED")
+            cl.delete_run(run.info.run_id)
+            continue
+        kept[tune_id] = run.info.run_id
         if run.info.status != "RUNNING":
             continue
         if tune_id in errored:
             mlflow_utils.close_run(cl, run.info.run_id, "FAILED",
                                    str(errored[tune_id].error).strip().splitlines()[-1][:500])
-        elif not any(tune_id and (tune_id == k or tune_id in k) for k in known):
-            mlflow_utils.set_tags(cl, run.info.run_id, {tracking.TAG_ERROR: "orphaned by an interrupted sweep"})
-            mlflow_utils.close_run(cl, run.info.run_id, "KILLED")
-            cl.delete_run(run.info.run_id)
         else:
             mlflow_utils.close_run(cl, run.info.run_id, "FINISHED")
-    return {tid: run.info.run_id for tid, run in runs.items()}
+    return kept
 
 
 def checkpoint_file(result, local_dir: str) -> str:

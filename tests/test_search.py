@@ -102,6 +102,8 @@ def test_a_trial_told_after_the_last_save_is_rerun_by_tune_without_touching_the_
     s.save(str(tmp_path / "searcher.pkl"))                              # Tune's last save: t1 still running
     s.on_trial_result("t1", {"epoch": 2, "val_acr": 0.3})
     s.on_trial_complete("t1", {"epoch": 2, "val_acr": 0.3})            # told, then the driver is killed
+    s.suggest("t0")                                                     # asked and finished after the save too
+    s.on_trial_complete("t0", {"epoch": 2, "val_acr": 0.25})
 
     restored = search.build_searcher("tpe", 0, 3, 1, ("val_acr",), url, "sweep-b", planned_epochs=2)
     restored.restore(str(tmp_path / "searcher.pkl"))
@@ -114,7 +116,9 @@ def test_a_trial_told_after_the_last_save_is_rerun_by_tune_without_touching_the_
     study = optuna.load_study(study_name="sweep-b", storage=url)
     by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
     assert {k: (t.state.name, t.value) for k, t in by_tune.items()} == {"t1": ("COMPLETE", 0.3),
+                                                                         "t0": ("COMPLETE", 0.25),
                                                                          "t2": ("COMPLETE", 0.2)}
+    assert study.user_attrs[search.ORPHANS_ATTR] == [by_tune["t0"].number]   # Tune redoes t0's work
     assert by_tune["t1"].intermediate_values == {1: 0.1, 2: 0.3}
 
 
@@ -187,7 +191,9 @@ def test_killed_driver_resumes_the_sweep_its_runs_and_its_study(tmp_path):
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in trial_runs)
     study = _study(url)
     assert study is not None and study.study_name == mid.study_name, "one study, continued"
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    # a trial the killed driver finished after Tune's last save is redone by Tune: the study lists it as orphaned
+    orphans = set(study.user_attrs.get(search.ORPHANS_ATTR, []))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE" and t.number not in orphans]
     assert len(complete) == n, [(t.number, t.state.name) for t in study.trials]
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials), "nothing left RUNNING"
     assert all(t.user_attrs.get("orphaned") for t in study.trials if t.state.name == "FAIL")
