@@ -46,9 +46,9 @@ import torch
 
 from orchestrator.cli_common import install_signal_handlers
 from orchestrator.pool_manifest import (DATA_COMPARED, LOCK_FILE, MANIFEST, MANIFEST_FORMAT, SHARD_DIR,  # noqa: F401
-                                        CertifyInputError, _atomic_write_text, _atomic_write_tsv, check_out_dir,
+                                        CertifyInputError, atomic_write_text, atomic_write_tsv, check_out_dir,
                                         check_resume, exclusive_lock, prepare_out_dir, read_manifest, shard_path)
-from orchestrator.provenance import example as _example
+from orchestrator.provenance import example
 from orchestrator.provenance import examples_sha256  # noqa: F401  (certify imports it from here)
 from trainables import checkpoint
 from trainables.device import HOST, accelerator_type, session_device
@@ -339,12 +339,18 @@ def _certify_locked(out: Path, manifest: dict, model_bytes: bytes, data, indices
             **{k: settings[k] for k in ("split", "n0", "n", "alpha", "batch", "seed", "device")},
             "fingerprint": fingerprint, "source": model["source"],
             "examples_sha256": manifest["data"]["examples_sha256"]}
-    _atomic_write_tsv(df, tsv, meta=meta)          # the JSON sidecar keeps numbers as numbers
+    atomic_write_tsv(df, tsv, meta=meta)          # the JSON sidecar keeps numbers as numbers
     manifest["complete"] = True
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     df.attrs.update(shards_computed=len(todo), shards_reused=reused, tsv=str(tsv), manifest=manifest,
                     fingerprint=fingerprint)
     return df
+
+
+def shard_tensors(data, shard: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(x stacked [len(shard), ...], labels) of a shard's examples: what CertifyWorker.certify takes."""
+    xs, labels = zip(*(example(data, i) for i in shard))
+    return torch.stack(xs), labels
 
 
 def _run_local(model_bytes: bytes, data, shards: list[list[int]], todo: list[int], out: Path,
@@ -355,9 +361,8 @@ def _run_local(model_bytes: bytes, data, shards: list[list[int]], todo: list[int
     try:
         worker = CertifyWorker(model_bytes, 1, HOST.type)
         for k in todo:
-            xs, labels = zip(*(_example(data, i) for i in shards[k]))
-            _, rows = worker.certify(torch.stack(xs), labels, shards[k], **settings)
-            _atomic_write_tsv(rows, shard_path(out, k))
+            _, rows = worker.certify(*shard_tensors(data, shards[k]), shards[k], **settings)
+            atomic_write_tsv(rows, shard_path(out, k))
     finally:
         torch.set_num_threads(threads)
 
@@ -395,8 +400,7 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
         while pending or inflight:
             while idle and pending:
                 a, k = idle.pop(0), pending.pop(0)
-                xs, labels = zip(*(_example(data, i) for i in shards[k]))
-                ref = pool[a].certify.remote(torch.stack(xs), labels, shards[k], **settings)
+                ref = pool[a].certify.remote(*shard_tensors(data, shards[k]), shards[k], **settings)
                 inflight[ref] = (k, a)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=timeout_s)
             if not ready:
@@ -411,7 +415,7 @@ def _run_pool(model_bytes: bytes, data, shards: list[list[int]], todo: list[int]
                         f"certification shard {k} (examples {shards[k][0]}..{shards[k][-1]}, {split} split) "
                         f"failed after up to {max_restarts} actor restarts: {type(exc).__name__}: {first}; "
                         f"finished shards are kept, rerun to resume") from None
-                _atomic_write_tsv(rows, shard_path(out, k))
+                atomic_write_tsv(rows, shard_path(out, k))
                 computed += 1
                 idle.append(a)
                 bar.update(len(shards[k]))

@@ -33,7 +33,7 @@ class CertifyInputError(UsageError, ValueError):
 
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -44,7 +44,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
-def _atomic_write_tsv(rows_or_df, path: Path, meta: Mapping[str, Any] | None = None) -> None:
+def atomic_write_tsv(rows_or_df, path: Path, meta: Mapping[str, Any] | None = None) -> None:
     from trainables.metrics import write_sidecar, write_tsv
 
     if meta:  # the JSON sidecar beside the final name first: the TSV's appearance marks completion
@@ -141,7 +141,7 @@ def prepare_out_dir(out_dir: Path, manifest: dict, resume: bool) -> None:
         if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
             raise CertifyInputError(f"{out_dir} is not empty and holds no {MANIFEST}; choose another --out")
         (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         return
     check_resume(out_dir, manifest["model"]["fingerprint"], manifest.get("data"), old)
     if old["settings"] != manifest["settings"]:
@@ -155,5 +155,5 @@ def prepare_out_dir(out_dir: Path, manifest: dict, resume: bool) -> None:
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
 
-__all__ = ["DATA_COMPARED", "LOCK_FILE", "MANIFEST", "MANIFEST_FORMAT", "SHARD_DIR", "CertifyInputError",
+__all__ = ["DATA_COMPARED", "atomic_write_text", "atomic_write_tsv", "LOCK_FILE", "MANIFEST", "MANIFEST_FORMAT", "SHARD_DIR", "CertifyInputError",
            "check_out_dir", "check_resume", "exclusive_lock", "prepare_out_dir", "read_manifest", "shard_path"]
