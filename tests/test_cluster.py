@@ -23,6 +23,7 @@ import pytest
 from orchestrator import tracking
 
 from processes import kill_session, session_pids, stop_ray_node
+from stderr import ours
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -151,7 +152,7 @@ def test_unreachable_storage_exits_2_before_anything_is_written(ray_local, tmp_p
     rc = run_main(sweep.main, ["gaussian", "--budget", "smoke", "--trials", "1", "--tracking-uri", uri,
                                "--storage", dead])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "is not reachable from the driver" in err, err
+    assert rc == 2 and len(ours(err)) == 1 and "is not reachable from the driver" in err, err
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -167,7 +168,7 @@ def test_bad_resources_exit_2(ray_local, argv, message, tmp_path, capsys):
     rc = run_main(sweep.main, ["gaussian", "--budget", "smoke", "--trials", "1", "--tracking-uri", uri,
                                "--storage", str(tmp_path / "ray"), *argv])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert rc == 2 and len(ours(err)) == 1 and message in err, err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray").exists()
 
 
@@ -338,7 +339,7 @@ def test_two_nodes_storage_not_shared_exits_2_and_starts_nothing(two_nodes):
     before = runs()
     done = two_nodes.run("orchestrator.sweep", "gaussian", "--budget", "smoke", "--trials", "1", "--address",
                          two_nodes.address, "--storage", str(local), timeout=180)
-    err = done.stderr.strip().splitlines()
+    err = ours(done.stderr)
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(err) == 1 and err[0].startswith("error: node ") and "pass shared storage" in err[0], err
     assert runs() == before, "no MLflow run was started"

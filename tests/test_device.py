@@ -18,6 +18,8 @@ import torch
 
 from trainables import device as D
 
+from stderr import ours
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -153,7 +155,7 @@ def _exit2(main, argv, capsys, *nothing: Path) -> str:
 
     rc = run_main(main, argv)
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert rc == 2 and len(ours(err)) == 1, err
     for p in nothing:
         assert not p.exists(), f"{p} was written"
     return err
@@ -195,5 +197,5 @@ def test_certify_device_cuda_on_a_cluster_without_gpus_exits_2(ray_local, tmp_pa
     rc = certify.main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cuda", "--max", "2",
                        "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "has no GPU" in err, err
+    assert rc == 2 and len(ours(err)) == 1 and "has no GPU" in err, err
     assert not out.exists()

@@ -18,6 +18,7 @@ import pytest
 
 from orchestrator import mlflow_utils
 from processes import kill_session, session_pids
+from stderr import ours
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cr3t-do-not-log"
@@ -69,8 +70,8 @@ def runs(uri: str) -> list:
 
 def assert_one_line(err: str, signame: str) -> None:
     assert "Traceback" not in err, err[-3000:]
-    ours = [line for line in err.splitlines() if f"interrupted by {signame}" in line]
-    assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0], err[-3000:]
+    mine = [line for line in ours(err) if f"interrupted by {signame}" in line]
+    assert len(mine) == 1 and ours(err)[-1] == mine[0], err[-3000:]
 
 
 def assert_session_ends(sid: int, timeout: float = 20) -> None:
