@@ -282,8 +282,8 @@ def _cert_values(c: CertifiedRun, split: str) -> tuple[str, str, str]:
     if c.get(tracking.TAG_BUDGET) and split == "test":
         from orchestrator.budgets import BUDGETS
         b = BUDGETS.get(c.get(tracking.TAG_BUDGET))
-        if b is not None:
-            return str(b.final_n0), str(b.final_n), str(b.alpha)
+        if b is not None:   # (a run from before train tagged its settings)
+            return str(b.final_n0), str(b.final_n_for(c.trainable)), str(b.alpha)
     return "?", "?", "?"
 
 

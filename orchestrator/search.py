@@ -16,6 +16,8 @@ Why not Ray's and Optuna's defaults:
   whose last reported epoch is before its planned epochs is told PRUNED; its intermediate values (validation
   metric per evaluated epoch, step = the reported `epoch`, which survives a restore unlike Tune's iteration
   counter) are in the study, and Optuna records the last one as the pruned trial's value.
+- `grid` (Optuna's GridSampler) runs every combination of the listed values once, e.g. GLEAN's parameter study
+  (its Fig. 5: lam x sigma); see `grid_of`. A grid sweep stops nothing early (every setting is a result).
 - The study lives in an RDB storage (default: `optuna.db` beside an sqlite MLflow store, else in the sweep's
   folder on the driver), named after the sweep, so `optuna-dashboard <storage url>` shows it while the sweep runs
   and afterwards, and `--resume` continues the same study (`load_if_exists`). Not the MLflow database itself:
@@ -32,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ray.tune.search.optuna import OptunaSearch
 
-SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
+SAMPLERS = ("tpe", "cmaes", "nsga2", "random", "grid")
 #: the file name of the default study database
 STUDY_DB = "optuna.db"
 #: the result key holding the number of finished epochs (orchestrator.tracking.EPOCH)
@@ -53,10 +55,34 @@ def nsga2_population(trials: int) -> int:
     return max(2, min(50, trials // 2))
 
 
-def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives: int = 1):
+def grid_of(searched: Mapping[str, Any]) -> dict[str, list]:
+    """The grid of `--sampler grid`: every searched parameter must be a list of values (`--space lam=10,100`
+    or a declared choice); ValueError (one line) naming those that are ranges."""
+    ranges = [k for k, hp in searched.items() if hp.choices is None]
+    if ranges:
+        raise ValueError(f"--sampler grid needs values, not ranges: give {', '.join(ranges)} as lists "
+                         f"(--space KEY=a,b,c) or pin them (--set KEY=VALUE)")
+    return {k: list(hp.choices) for k, hp in searched.items()}
+
+
+def grid_size(grid: Mapping[str, Sequence]) -> int:
+    size = 1
+    for values in grid.values():
+        size *= len(values)
+    return size
+
+
+def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives: int = 1,
+                 grid: Mapping[str, Sequence] | None = None):
     """The seeded Optuna sampler of a sweep of `trials` trials, `concurrency` at a time (see the module doc).
-    ValueError for an unknown kind or CMA-ES with two objectives."""
+    `grid`: the values of `kind == "grid"` (grid_of). ValueError for an unknown kind or CMA-ES with two
+    objectives."""
     import optuna
+
+    if kind == "grid":
+        # GridSampler hands out unvisited combinations (running trials count as visited), so concurrent
+        # trials never repeat one while any is left
+        return optuna.samplers.GridSampler({k: list(v) for k, v in (grid or {}).items()}, seed=seed)
 
     if kind == "tpe":
         # multivariate: the parameters interact (sigma and the penalty weight, lr and epochs); Optuna's
@@ -257,12 +283,13 @@ def build_searcher(kind: str, seed: int, trials: int, concurrency: int, objectiv
                    storage_url: str, study_name: str, *,
                    planned_epochs: int | Callable[[dict], int] | None = None,
                    user_attrs: Mapping[str, Any] | None = None,
-                   points_to_evaluate: list[dict[str, Any]] | None = None) -> SweepSearch:
+                   points_to_evaluate: list[dict[str, Any]] | None = None,
+                   grid: Mapping[str, Sequence] | None = None) -> SweepSearch:
     """The sweep's searcher (contract C6): a seeded sampler sized to `trials` (see make_sampler), every
     objective maximised, the study `study_name` in the RDB storage at `storage_url` (created, or continued when
     it exists: `--resume`), ASHA-stopped trials told PRUNED. `user_attrs` (e.g. the sweep's command, dataset,
     selection protocol) are stored on the study for optuna-dashboard, `compare` and `report`."""
-    sampler = make_sampler(kind, seed, trials, concurrency, len(objectives))
+    sampler = make_sampler(kind, seed, trials, concurrency, len(objectives), grid)
     metric: str | list[str] = objectives[0] if len(objectives) == 1 else list(objectives)
     mode: str | list[str] = "max" if len(objectives) == 1 else ["max"] * len(objectives)
     rdb = storage(storage_url)
@@ -282,5 +309,6 @@ def build_searcher(kind: str, seed: int, trials: int, concurrency: int, objectiv
     return searcher
 
 
-__all__ = ["SAMPLERS", "STUDY_DB", "SweepSearch", "build_searcher", "default_storage_url", "load_study",
+__all__ = ["SAMPLERS", "STUDY_DB", "SweepSearch", "build_searcher", "default_storage_url", "grid_of", "grid_size",
+           "load_study",
            "check_storage_url", "make_sampler", "nsga2_population", "storage", "study_of_sweep", "tpe_startup_trials"]

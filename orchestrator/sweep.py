@@ -1,6 +1,6 @@
 """`python -m orchestrator.sweep NAME`: search hyperparameters with Ray Tune + Optuna, maximising validation ACR.
 
-    python -m orchestrator.sweep NAME [--dataset D] [--trials N] [--concurrency C] [--sampler tpe|cmaes|nsga2]
+    python -m orchestrator.sweep NAME [--dataset D] [--trials N] [--concurrency C] [--sampler tpe|cmaes|nsga2|random|grid]
         [--seed S] [--select train-domain|oracle] [--objectives acr|acr,clean_acc] [--budget smoke|quick|paper]
         [--workers W] [--set key=value ...] [--space key=LOW:HIGH|key=a,b,c ...] [--resume]
         [--address auto|HOST:PORT|ray://HOST:PORT] [--tracking-uri URI] [--experiment NAME] [--data-root P]
@@ -29,6 +29,11 @@ What happens:
    highest ACR on the Pareto front) is re-certified on the test split with the budget's FINAL settings
    (cli_common.certify_split), and so is the other protocol's pick where there is a test domain; the table
    shows both, labelled.
+5. `--sampler grid` is a parameter study (GLEAN's Fig. 5: `--space lam=10,100,...,1000000 --space
+   sigma=0.12,0.25,0.5,1.0`): every combination once, nothing stopped early, the other searched parameters at
+   their declared defaults, and EVERY setting certified on the test split with the final settings; the table
+   adds test ACR per setting and parameter_study.png (certified accuracy vs radius per setting,
+   orchestrator/parameter_study.py), both logged to the sweep's run.
 
 MLflow (names: orchestrator/tracking.py): a parent run per sweep and a nested run per trial. The driver is the
 only writer (orchestrator/mlflow_callback.py): trials report every epoch, and a driver-side Tune callback logs
@@ -62,7 +67,7 @@ from orchestrator.sweep_run import SweepSetup, build_tuner, close_sweep_runs, tr
 
 __all__ = ["main", "build_parser", "pareto_front", "trial"]
 
-from orchestrator.search import SAMPLERS  # noqa: E402  (issue 16: "random" is the benchmark baseline)
+from orchestrator.search import SAMPLERS, grid_of, grid_size  # noqa: E402  (issue 16: "random" is the benchmark baseline)
 OBJECTIVES = {"acr": (tracking.VAL_ACR,), "acr,clean_acc": (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC)}
 SWEEP_FILE = "sweep.json"
 
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (default: the trainable's DEFAULT_DATASET)")
     p.add_argument("--trials", type=int, help="number of trials (default: the budget's)")
     p.add_argument("--concurrency", type=int, help="concurrent trials (default: what the cluster can run now)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (nsga2 for two objectives)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna sampler (nsga2 for two objectives; grid: every combination of the --space KEY=a,b,c lists once, "
+                        "the other parameters at their defaults, each setting certified on the test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, the model initialisation and noise")
     p.add_argument("--select", choices=("train-domain", "oracle"), default=None,
                    help="model selection (orchestrator/selection.py): test-domain hold-out (oracle; the default on "
@@ -166,12 +172,26 @@ def _protocol_objectives(objectives: tuple[str, ...], protocol: str) -> tuple[st
         return objectives
     from orchestrator.selection import ORACLE_ACR, ORACLE_CLEAN_ACC
     return tuple({tracking.VAL_ACR: ORACLE_ACR, tracking.VAL_CLEAN_ACC: ORACLE_CLEAN_ACC}[o] for o in objectives)
-def _make_sampler(kind: str, seed: int, objectives: int):
+def _make_sampler(kind: str, seed: int, objectives: int, grid=None):
     from orchestrator.search import make_sampler
 
     try:
-        return make_sampler(kind, seed, 1, 1, objectives)
+        return make_sampler(kind, seed, 1, 1, objectives, grid)
     except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _grid_space(args, space):
+    """(space, grid) of `--sampler grid`: the parameters given as lists (`--space KEY=a,b,c`, or declared
+    choices) are the grid; every other searched range is pinned at its declared default, as in a paper's
+    parameter study (GLEAN's Fig. 5 varies λ and σ, the rest fixed). A `--space KEY=LOW:HIGH` range is an error."""
+    from search_spaces import SearchSpaceError, get_space
+    listed = parse_sets(args.space, "--space")
+    pins = {k: hp.default for k, hp in space.searched.items() if hp.choices is None and k not in listed}
+    try:
+        space = get_space(args.name, listed, {**pins, **parse_sets(args.set)})
+        return space, grid_of(space.searched)
+    except (SearchSpaceError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -199,12 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = _reachable_trainables(space)
     if args.trials is None:
         trials = budget.trials_of(names[0])
+    args.grid = None                      # the values of --sampler grid (search.grid_of), else None
+    if args.sampler == "grid":
+        space, args.grid = _grid_space(args, space)
+        if args.trials is not None and args.trials != grid_size(args.grid):
+            raise UsageError(f"--sampler grid runs each of its {grid_size(args.grid)} settings once; drop --trials "
+                             f"or pass --trials {grid_size(args.grid)}")
+        trials = grid_size(args.grid)
     classes = [get_trainable(n) for n in names]
     dataset = args.dataset or classes[0].DEFAULT_DATASET
     for cls in classes:
         if dataset not in cls.DATASETS:
             raise UsageError(f"{cls.NAME} is not defined on dataset {dataset!r}; use one of {', '.join(cls.DATASETS)}")
-    _make_sampler(args.sampler, args.seed, len(objectives))
+    _make_sampler(args.sampler, args.seed, len(objectives), args.grid)
     from orchestrator.search import check_storage_url
     try:
         check_storage_url(args.optuna_storage)
@@ -337,10 +364,13 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
             user_attrs={"command": args.command, "dataset": dataset, "selection": selection.method,
                         "budget": budget.name, "mlflow_parent_run_id": parent,
                         "tracking_uri": mlflow_utils.redact(tracking_uri)},
-            points_to_evaluate=_default_point(space) if len(objectives) == 1 else None)
+            points_to_evaluate=_default_point(space) if len(objectives) == 1 and not args.grid else None,
+            grid=args.grid)
         tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, searcher=searcher,
                             trials=trials, concurrency=concurrency, max_epochs=max_epochs,
-                            rungs=budget.eval_epochs(max_epochs, names[0]), sweep_uri=sweep_uri,
+                            # a grid sweep stops nothing early: every setting is a result
+                            rungs=(max_epochs,) if args.grid else budget.eval_epochs(max_epochs, names[0]),
+                            sweep_uri=sweep_uri,
                             storage_uri=storage_uri, name=sweep_name, max_failures=args.max_failures,
                             callbacks=[callback], restore=previous is not None)
         grid = tuner.fit()

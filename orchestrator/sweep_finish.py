@@ -66,14 +66,17 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
     final_n = budget.final_n_for(space.trainable_for(best.config))
     radii = RADII_BY_DATASET[dataset]
     tests: dict[str, dict[str, float]] = {}                    # run id -> test metrics
+    test_rows: dict[str, Any] = {}                             # run id -> certified rows
     cert_s = 0.0
-    for proto, result in picks.items():
+    # the picks; a grid sweep (a parameter study) certifies every setting, the picks first
+    to_certify = list(picks.items()) + ([(None, r) for r in completed] if getattr(args, "grid", None) else [])
+    for proto, result in to_certify:
         if result is None or run_id_of(result) in tests:
             continue
         run_id = run_id_of(result)
         name = space.trainable_for(result.config)
-        print(f"certifying the {proto} pick ({name}, run {run_id}) on {len(selection.test_indices)} "
-              f"{selection.test_label} examples with n={final_n} ...", flush=True)
+        print(f"certifying the {proto + ' pick' if proto else 'setting'} ({name}, run {run_id}) on "
+              f"{len(selection.test_indices)} {selection.test_label} examples with n={final_n} ...", flush=True)
         t0 = time.perf_counter()
         # the pool's shards go to a local folder on the driver (resumable there when the storage is local), and
         # the finished certification is copied into the sweep's storage
@@ -90,6 +93,7 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
         cl.update_run(run_id, status="RUNNING")
         tests[run_id] = mlflow_utils.log_certification(cl, run_id, rows, "test", radii, prefix=tracking.TEST_PREFIX,
                                                        title=f"{name} (test)")
+        test_rows[run_id] = rows
         mlflow_utils.set_tags(cl, run_id, {"test_examples": selection.test_label,
                                            "picked_by": ",".join(p for p, r in picks.items() if r is result)})
         mlflow_utils.close_run(cl, run_id, "FINISHED")
@@ -127,6 +131,11 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
             path.write_text("\n".join(lines) + "\n")
             mlflow_utils.log_file(cl, parent, path, "pareto_front.tsv")
 
+    study_rows = []
+    if getattr(args, "grid", None):
+        study_rows = _parameter_study(cl, parent, args.grid, [(r.config, test_rows[run_id_of(r)]) for r in completed],
+                                      radii, f"{name} on {dataset}: test certification, n={final_n}, "
+                                      f"{len(selection.test_indices)} {selection.test_label} examples")
     sets = f"{len(selection.sel_indices)} validation examples"
     if selection.oracle_indices:
         sets += f" and {len(selection.oracle_indices)} test-domain hold-out examples"
@@ -164,7 +173,27 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
                          f"python -m orchestrator.certify --model {model_uri}"),
         ("Tune experiment", st.redact(sweep_uri)),
     ]
-    return "\n" + format_table(rows_out) + "\n"
+    return "\n" + format_table(rows_out + study_rows) + "\n"
+
+
+def _parameter_study(cl, parent: str, grid, points, radii, title: str) -> list[tuple[str, str]]:
+    """A grid sweep's test ACR per setting (Markdown, first key down, second across) and parameter_study.png,
+    logged to the sweep's run; the rows the summary table shows."""
+    from orchestrator import mlflow_utils
+    from orchestrator import parameter_study as P
+
+    keys = list(grid)
+    frame = P.study_frame(points, keys, radii)
+    table = P.pivot_markdown(frame, keys)
+    with tempfile.TemporaryDirectory(prefix="study-") as tmp:
+        png = P.plot_study(points, keys, Path(tmp) / "parameter_study.png", title=title)
+        mlflow_utils.log_file(cl, parent, png, png.name)
+        (Path(tmp) / "parameter_study.md").write_text(f"Test ACR per setting ({title})\n\n{table}\n")
+        frame.to_csv(Path(tmp) / "parameter_study.csv", index=False)
+        for f in ("parameter_study.md", "parameter_study.csv"):
+            mlflow_utils.log_file(cl, parent, Path(tmp) / f, f)
+    return [("parameter study", "test ACR per setting; parameter_study.png/.md/.csv in the sweep run\n"
+                                + "\n".join("    " + line for line in table.splitlines()))]
 
 
 __all__ = ["finish", "fmt", "pareto_front", "stopped_early"]

@@ -3,7 +3,7 @@
     python -m orchestrator.train NAME [--dataset D] [--set key=value ...] [--workers N] [--budget B] [--seed S]
         [--select train-domain|oracle] [--data-root P] [--tracking-uri URI] [--experiment NAME]
         [--address ADDR] [--storage URI] [--cpus-per-trial C] [--gpus-per-trial G] [--memory-per-trial M]
-        [--max-failures F] [--device auto|cpu|cuda]
+        [--max-failures F] [--device auto|cpu|cuda] [--certify-n N] [--certify-examples K] [--tag KEY=VALUE ...]
     python -m orchestrator.train --resume RUN_ID [same store flags]
 
 - `--workers 1` (default): the training loop (orchestrator/train_loop.py) runs in this process, no Ray: a
@@ -17,6 +17,11 @@
   plots, test_* metrics. The run is FINISHED, or FAILED/KILLED with the error; never left RUNNING.
 - `--resume RUN_ID` continues an interrupted run (FAILED or KILLED) from its last checkpoint artifact, with the
   settings logged in the run, into the same run; epochs already logged are not logged again.
+- `--certify-n` / `--certify-examples` replace the budget's final test certification (n, and how many examples
+  spread evenly over the reported test set), so that runs of different methods are certified alike (the GLEAN
+  paper's Table 2 certifies every method Monte-Carlo at one n on one set of examples); the settings used are
+  tagged test_cert_n0 / test_cert_n / test_cert_alpha (as orchestrator.certify tags them), read by compare.
+- `--tag KEY=VALUE` adds tags to the run (orchestrator.reproduce names its runs by a hash of their command).
 Prints a summary and, on the last line, the MLflow run id. Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -37,7 +42,7 @@ from orchestrator.train_loop import CHECKPOINT_FILE
 
 #: params of a train run that are not hyperparameters (everything --resume reads back)
 META_PARAMS = ("trainable", "dataset", "budget", "epochs", "workers", "data_source", "selection", "search_n0",
-               "search_n", "search_examples", "seed")
+               "search_n", "search_examples", "seed", "final_n", "final_examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="auto (a GPU when there is one), cpu, cuda or cuda:K; with --workers >= 2 Ray Train "
                         "gives each worker its GPU (trainables.device)")
+    p.add_argument("--certify-n", type=int, help="n of the final test certification (default: the budget's)")
+    p.add_argument("--certify-examples", type=int,
+                   help="test examples certified, spread evenly (default: the budget's; GLEAN: all)")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag of the MLflow run")
     return p
 
 
@@ -85,6 +94,8 @@ def _resumed_settings(uri: str, args) -> tuple[str, dict]:
         raise UsageError(f"--resume {args.resume} is a {p['trainable']} run, not {args.name}")
     args.dataset, args.budget, args.seed = p["dataset"], p["budget"], int(p["seed"])
     args.select, args.workers = p["selection"], int(p["workers"])
+    args.certify_n = int(p["final_n"]) if p.get("final_n") else None
+    args.certify_examples = int(p["final_examples"]) if p.get("final_examples") not in (None, "", "None") else None
     return p["trainable"], {k: v for k, v in p.items() if k not in META_PARAMS}
 
 
@@ -124,13 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(str(exc)) from None
     budget = get_budget(args.budget)
     epochs = budget.epochs_for(name, dataset)
+    for flag, value in (("--certify-n", args.certify_n), ("--certify-examples", args.certify_examples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    final_n = args.certify_n or budget.final_n_for(name)
+    final_examples = args.certify_examples or budget.final_examples_for(name)
+    tags = parse_sets(args.tag, "--tag") if args.tag else {}
     storage_uri = st.normalize(args.storage)
     try:
         st.filesystem(storage_uri)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     splits = load_splits(dataset, args.data_root, budget, name)
-    selection = make_selection(splits, args.select, budget.search_examples, budget.final_examples_for(name))
+    selection = make_selection(splits, args.select, budget.search_examples, final_examples)
     args.select = selection.method      # resolved default (orchestrator/selection.py)
     data = loop_data(splits, selection)
     if args.workers > 1 and int(hparams.get("batch_size") or 1) < len(data.train):
@@ -174,13 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracking.TAG_ROLE: "train", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: dataset,
             tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
             tracking.TAG_SELECTION: args.select, tracking.TAG_DATA_SOURCE: splits.info.source,
-            tracking.TAG_GIT_COMMIT: mlflow_utils.git_commit(), tracking.TAG_SEED: args.seed})
+            tracking.TAG_GIT_COMMIT: mlflow_utils.git_commit(), tracking.TAG_SEED: args.seed,
+            **{k: str(v) for k, v in tags.items()}})
     try:
         mlflow_utils.log_params(cl, run_id, {**hparams, "trainable": name, "dataset": dataset,
                                              "budget": budget.name, "epochs": epochs, "workers": args.workers,
                                              "data_source": splits.info.source, "selection": args.select,
                                              "search_n0": budget.search_n0, "search_n": budget.search_n,
-                                             "search_examples": len(selection.sel_indices), "seed": args.seed})
+                                             "search_examples": len(selection.sel_indices), "seed": args.seed,
+                                             "final_n": final_n, "final_examples": final_examples})
         cfg = LoopConfig(trainable=name, hparams=hparams, epochs=epochs, eval_epochs=budget.eval_epochs(epochs, name),
                          seed=args.seed, selection=args.select, n0=budget.search_n0, n=budget.search_n,
                          alpha=budget.alpha, cert_batch=budget.cert_batch, device=args.device)
@@ -198,11 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 last = run_training(cfg, data, LocalSession(ckpt_dir, resume=resume_dir is not None,
                                                             on_report=on_report))
-                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed, name,
+                rows = _certify(str(ckpt_dir / CHECKPOINT_FILE), splits, selection, budget, args.seed, final_n,
                                 args.device)
             else:
                 last, rows = _fit_torch_trainer(cfg, data, args, run_id, tracking_uri, storage_uri, resources,
-                                                resume_dir, splits, selection, budget, MLflowTrainCallback)
+                                                resume_dir, splits, selection, budget, final_n, MLflowTrainCallback)
         train_s = time.perf_counter() - t0
         from trainables.metrics import RADII_BY_DATASET
 
@@ -210,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         test = mlflow_utils.log_certification(cl, run_id, rows, "test", radii, prefix=tracking.TEST_PREFIX,
                                               title=f"{name} (test)")
         mlflow_utils.log_metrics(cl, run_id, {"wall_time_s": train_s})
-        mlflow_utils.set_tags(cl, run_id, {"test_examples": selection.test_label})
+        mlflow_utils.set_tags(cl, run_id, {"test_examples": selection.test_label,
+                                           **{f"test_cert_{k}": v for k, v in (("n0", budget.final_n0),
+                                                                               ("n", final_n), ("alpha", budget.alpha))}})
     except BaseException as exc:
         mlflow_utils.close_run(cl, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
                                describe_exception(exc))
@@ -227,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("validation ACR", f"{val:.4f}   [{len(selection.sel_indices)} {selection.sel_split} examples, "
                            f"n={budget.search_n}]"),
         ("test ACR", f"{test[tracking.TEST_PREFIX + 'acr']:.4f}   [{len(selection.test_indices)} "
-                     f"{selection.test_label} examples, n={budget.final_n_for(name)}]"),
+                     f"{selection.test_label} examples, n={final_n}]"),
         ("data source", splits.info.source),
         ("MLflow UI", mlflow_utils.ui_command(tracking_uri)),
     ]))
@@ -245,14 +266,14 @@ def _last_checkpoint(cl, run_id: str, dst: Path) -> Path | None:
     return Path(path).parent
 
 
-def _certify(checkpoint_file: str, splits, selection, budget, seed: int, name: str, device: str = "auto"):
+def _certify(checkpoint_file: str, splits, selection, budget, seed: int, n: int, device: str = "auto"):
     return certify_split(checkpoint_file, splits.test, selection.test_indices, split="test", n0=budget.final_n0,
-                         n=budget.final_n_for(name), alpha=budget.alpha, batch=budget.cert_batch, seed=seed,
+                         n=n, alpha=budget.alpha, batch=budget.cert_batch, seed=seed,
                          device=device)
 
 
 def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_uri: str, resources,
-                       resume_dir: Path | None, splits, selection, budget, callback_cls):
+                       resume_dir: Path | None, splits, selection, budget, final_n: int, callback_cls):
     """Data-parallel training under Ray Train; returns (last rank-0 report, test certification rows)."""
     import ray
     from ray.train import Checkpoint
@@ -274,7 +295,7 @@ def _fit_torch_trainer(cfg, data, args, run_id: str, tracking_uri: str, storage_
     if result.checkpoint is None:
         raise RuntimeError("Ray Train returned no checkpoint")
     with result.checkpoint.as_directory() as d:
-        rows = _certify(str(Path(d) / CHECKPOINT_FILE), splits, selection, budget, args.seed, cfg.trainable)
+        rows = _certify(str(Path(d) / CHECKPOINT_FILE), splits, selection, budget, args.seed, final_n)
     return dict(result.metrics or {}), rows
 
 

@@ -113,6 +113,8 @@ def test_crashing_trial_is_recorded_and_the_sweep_goes_on(ray_local, mlflow_uri,
     (["glean", "--resume"], "nothing to resume"),
     (["glean", "--address", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
     (["gaussian", "--dataset", "cifar10", "--data-root", "/nonexistent/data"], "cifar10"),
+    (["glean", "--sampler", "grid", "--space", "lam=10:1000"], "--sampler grid needs values, not ranges: give lam"),
+    (["glean", "--sampler", "grid", "--space", "lam=10,100", "--trials", "3"], "runs each of its 2 settings once"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
