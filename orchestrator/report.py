@@ -162,7 +162,7 @@ def sweep_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path, com
                  ) -> list[Path]:
     """Write the sweep's report into out_dir (see the module doc) and log it as artifacts of the sweep run
     (artifact folder `report/`). Returns the written paths."""
-    from orchestrator import compare, mlflow_utils
+    from orchestrator import compare, compare_format, mlflow_utils
     from orchestrator.search import study_of_sweep
     from orchestrator.sweep_plots import plot_sweep
 
@@ -228,8 +228,8 @@ def sweep_report(tracking_uri: str, parent_run_id: str, out_dir: str | Path, com
                     or c.endswith("_mean")]
             cert.tables.append(("", table[keep]))
             cert.images.append(("certified accuracy vs radius (test)",
-                                compare.plot_table(certified, table, radii, tmp / "certified_accuracy.png",
-                                                   title=f"{exp.name} (test)")))
+                                compare_format.plot_table(certified, table, radii, tmp / "certified_accuracy.png",
+                                                          title=f"{exp.name} (test)")))
         except compare.CompareInputError as exc:
             cert.text.append(f"No certified runs to plot: {exc}")
         sections.append(cert)

@@ -72,6 +72,29 @@ def grid_size(grid: Mapping[str, Sequence]) -> int:
     return size
 
 
+def reachable_trainables(space) -> list[str]:
+    names = {space.trainable_for({})}
+    for key in space.extra_names:
+        hp = space.searched.get(key)
+        if hp is not None and hp.choices is not None:
+            names |= {space.trainable_for({key: c}) for c in hp.choices}
+    return sorted(names)
+
+
+def default_point(space) -> list[dict[str, Any]] | None:
+    """The declared defaults as the search's first trial, when every searched default lies in its range (the
+    defaults are the settings a method's authors tuned; a small search should not have to find them again)."""
+    point = {}
+    for key, hp in space.searched.items():
+        v = hp.default
+        ok = v is not None and (v in hp.choices if hp.choices is not None
+                                else hp.low is not None and hp.low <= v <= hp.high)
+        if not ok:
+            return None
+        point[key] = v
+    return [point]
+
+
 def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives: int = 1,
                  grid: Mapping[str, Sequence] | None = None):
     """The seeded Optuna sampler of a sweep of `trials` trials, `concurrency` at a time (see the module doc).
@@ -309,6 +332,7 @@ def build_searcher(kind: str, seed: int, trials: int, concurrency: int, objectiv
     return searcher
 
 
-__all__ = ["SAMPLERS", "STUDY_DB", "SweepSearch", "build_searcher", "default_storage_url", "grid_of", "grid_size",
+__all__ = ["SAMPLERS", "STUDY_DB", "SweepSearch", "build_searcher", "default_point", "default_storage_url", "grid_of",
+           "grid_size", "reachable_trainables",
            "load_study",
            "check_storage_url", "make_sampler", "nsga2_population", "storage", "study_of_sweep", "tpe_startup_trials"]

@@ -63,11 +63,11 @@ from orchestrator.cluster import add_resource_flags, check_resource_flags
 from orchestrator.mlflow_callback import MLflowTrialCallback
 from orchestrator.provenance import SWEEP_DATA_COMPARED, differences, sweep_data_identity
 from orchestrator.sweep_finish import finish, pareto_front
-from orchestrator.sweep_run import SweepSetup, build_tuner, close_sweep_runs, trial
+from orchestrator.sweep_run import SweepSetup, build_tuner, close_sweep_runs, describe_trial, planned_epochs, trial
 
 __all__ = ["main", "build_parser", "pareto_front", "trial"]
 
-from orchestrator.search import SAMPLERS, grid_of, grid_size  # noqa: E402  (issue 16: "random" is the benchmark baseline)
+from orchestrator.search import SAMPLERS, default_point, grid_of, grid_size, reachable_trainables  # noqa: E402  (issue 16: "random" is the benchmark baseline)
 OBJECTIVES = {"acr": (tracking.VAL_ACR,), "acr,clean_acc": (tracking.VAL_ACR, tracking.VAL_CLEAN_ACC)}
 SWEEP_FILE = "sweep.json"
 
@@ -143,29 +143,6 @@ def _check_resume_data(previous: tuple[str, dict], identity: dict[str, Any]) -> 
                          f"started on (--data-root; it read {recorded.get('source')!r}), or run without --resume")
 
 
-def _reachable_trainables(space) -> list[str]:
-    names = {space.trainable_for({})}
-    for key in space.extra_names:
-        hp = space.searched.get(key)
-        if hp is not None and hp.choices is not None:
-            names |= {space.trainable_for({key: c}) for c in hp.choices}
-    return sorted(names)
-
-
-def _default_point(space) -> list[dict[str, Any]] | None:
-    """The declared defaults as the search's first trial, when every searched default lies in its range (the
-    defaults are the settings a method's authors tuned; a small search should not have to find them again)."""
-    point = {}
-    for key, hp in space.searched.items():
-        v = hp.default
-        ok = v is not None and (v in hp.choices if hp.choices is not None
-                                else hp.low is not None and hp.low <= v <= hp.high)
-        if not ok:
-            return None
-        point[key] = v
-    return [point]
-
-
 def _protocol_objectives(objectives: tuple[str, ...], protocol: str) -> tuple[str, ...]:
     """The search's metrics for `protocol`: val_* for train-domain, oracle_* for oracle (selection.py)."""
     if protocol != "oracle":
@@ -216,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         space = get_space(args.name, parse_sets(args.space, "--space"), parse_sets(args.set))
     except SearchSpaceError as exc:
         raise UsageError(str(exc)) from None
-    names = _reachable_trainables(space)
+    names = reachable_trainables(space)
     if args.trials is None:
         trials = budget.trials_of(names[0])
     args.grid = None                      # the values of --sampler grid (search.grid_of), else None
@@ -351,7 +328,7 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     data_ref = ray.put(data)
     trainable = tune.with_resources(tune.with_parameters(trial, setup=setup, data=data_ref), resources.trial)
     max_epochs = max(budget.epochs_for(n, dataset) for n in names)
-    describe = _describe_trial(setup, data.info.source, len(data.sel_idx), commit)
+    describe = describe_trial(setup, data.info.source, len(data.sel_idx), commit)
     callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, describe,
                                    lambda config: budget.epochs_for(space.trainable_for(config), dataset))
     try:
@@ -360,11 +337,11 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
         from orchestrator.search import build_searcher
         searcher = build_searcher(
             args.sampler, args.seed, trials, concurrency, objectives, state["optuna_storage"],
-            state["optuna_study"], planned_epochs=functools.partial(_planned_epochs, budget, dataset, space),
+            state["optuna_study"], planned_epochs=functools.partial(planned_epochs, budget, dataset, space),
             user_attrs={"command": args.command, "dataset": dataset, "selection": selection.method,
                         "budget": budget.name, "mlflow_parent_run_id": parent,
                         "tracking_uri": mlflow_utils.redact(tracking_uri)},
-            points_to_evaluate=_default_point(space) if len(objectives) == 1 and not args.grid else None,
+            points_to_evaluate=default_point(space) if len(objectives) == 1 and not args.grid else None,
             grid=args.grid)
         tuner = build_tuner(trainable=trainable, space=space, objectives=objectives, searcher=searcher,
                             trials=trials, concurrency=concurrency, max_epochs=max_epochs,
@@ -408,38 +385,6 @@ def _run(args, budget: Budget, trials: int, objectives, space, names, dataset, s
     st.write_text(st.join(sweep_uri, SWEEP_FILE), json.dumps(state, indent=2))
     print(table)
     return 0
-
-
-def _describe_trial(setup: SweepSetup, data_source: str, search_examples: int, commit: str):
-    """config -> (run name, tags, params) of a trial's MLflow run (called by the driver's callback; Tune pickles
-    it with the experiment, so it holds no data)."""
-    budget = setup.budget
-
-    def describe(config: dict) -> tuple[str, dict, dict]:
-        from trainables.registry import get_trainable
-
-        name = setup.space.trainable_for(config)
-        hparams = setup.space.hparams_for(config)
-        tags = {tracking.TAG_ROLE: "trial", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: setup.dataset,
-                tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
-                tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: data_source,
-                tracking.TAG_GIT_COMMIT: commit, tracking.TAG_SEED: setup.seed, tracking.TAG_SWEEP: setup.sweep_id}
-        try:
-            full = get_trainable(name).resolve_hparams(hparams, setup.dataset)
-        except ValueError:   # the trial itself fails on it and the callback records the error
-            full = dict(hparams)
-        params = {**full, "trainable": name, "dataset": setup.dataset, "budget": budget.name,
-                  "epochs": budget.epochs_for(name, setup.dataset), "workers": setup.workers,
-                  "data_source": data_source, "selection": setup.selection, "search_n0": budget.search_n0,
-                  "search_n": budget.search_n, "search_examples": search_examples, "seed": setup.seed}
-        return name, tags, params
-
-    return describe
-
-
-def _planned_epochs(budget: Budget, dataset: str, space, config: dict) -> int:
-    """Epochs a trial with `config` is planned to train (search.SweepSearch tells trials stopped before PRUNED)."""
-    return budget.epochs_for(space.trainable_for(config), dataset)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,35 @@ def checkpoint_file(result, local_dir: str) -> str:
     if ckpt is None:
         raise RuntimeError(f"the selected trial {result.path} has no checkpoint")
     return str(Path(ckpt.to_directory(local_dir)) / CHECKPOINT_FILE)
+
+
+def describe_trial(setup: SweepSetup, data_source: str, search_examples: int, commit: str):
+    """config -> (run name, tags, params) of a trial's MLflow run (called by the driver's callback; Tune pickles
+    it with the experiment, so it holds no data)."""
+    budget = setup.budget
+
+    def describe(config: dict) -> tuple[str, dict, dict]:
+        from trainables.registry import get_trainable
+
+        name = setup.space.trainable_for(config)
+        hparams = setup.space.hparams_for(config)
+        tags = {tracking.TAG_ROLE: "trial", tracking.TAG_TRAINABLE: name, tracking.TAG_DATASET: setup.dataset,
+                tracking.TAG_SIGMA: hparams.get("sigma", ""), tracking.TAG_BUDGET: budget.name,
+                tracking.TAG_SELECTION: setup.selection, tracking.TAG_DATA_SOURCE: data_source,
+                tracking.TAG_GIT_COMMIT: commit, tracking.TAG_SEED: setup.seed, tracking.TAG_SWEEP: setup.sweep_id}
+        try:
+            full = get_trainable(name).resolve_hparams(hparams, setup.dataset)
+        except ValueError:   # the trial itself fails on it and the callback records the error
+            full = dict(hparams)
+        params = {**full, "trainable": name, "dataset": setup.dataset, "budget": budget.name,
+                  "epochs": budget.epochs_for(name, setup.dataset), "workers": setup.workers,
+                  "data_source": data_source, "selection": setup.selection, "search_n0": budget.search_n0,
+                  "search_n": budget.search_n, "search_examples": search_examples, "seed": setup.seed}
+        return name, tags, params
+
+    return describe
+
+
+def planned_epochs(budget: Budget, dataset: str, space, config: dict) -> int:
+    """Epochs a trial with `config` is planned to train (search.SweepSearch tells trials stopped before PRUNED)."""
+    return budget.epochs_for(space.trainable_for(config), dataset)
