@@ -406,7 +406,7 @@ def test_glean_trains_and_certifies_on_image_folders(tmp_path, dataset):
     import warnings
 
     import mlflow
-    from test_data import write_celeba, write_domainnet
+    from test_data_folders import write_celeba, write_domainnet
 
     from orchestrator import train
     from orchestrator.cli_common import run_main
@@ -436,7 +436,7 @@ def test_glean_smoke_sweep_on_domainnet_shows_both_protocols(ray_local, tmp_path
     default, and the table labels each protocol's pick with its test-domain figures."""
     import shutil
 
-    from test_data import write_domainnet
+    from test_data_folders import write_domainnet
 
     from orchestrator import sweep
 
