@@ -31,6 +31,7 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from orchestrator import cli_common, defaults
@@ -137,8 +138,15 @@ def _store_flags(args) -> list[str]:
             + (["--data-root", args.data_root] if args.data_root else []))
 
 
-def _finished(cl, experiment: str, key: str) -> str | None:
-    """The id of a FINISHED run of this experiment tagged with `key`, else None."""
+def _finished(tracking_uri: str, experiment: str, key: str) -> str | None:
+    """The id of a FINISHED run of `experiment` tagged with `key`, else None (also when there is no store yet:
+    reading an sqlite store that does not exist would create it)."""
+    from orchestrator import mlflow_utils
+
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix):]).exists():
+        return None
+    cl = mlflow_utils.client(tracking_uri)
     exp = cl.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -157,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--sigmas does not apply to glean-table2 (Table 2 is at σ = 0.12)")
     if args.name != "glean-parameters" and args.lams:
         raise UsageError("--lams applies to glean-parameters")
+    if args.name == "glean-parameters" and len(_numbers(args.seeds, (0,), "--seeds", int)) > 1:
+        raise UsageError("glean-parameters is one grid sweep: give one --seeds value")
     from orchestrator import compare, sweep, train
 
     if args.name == "glean-parameters":
@@ -167,7 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from orchestrator import mlflow_utils
     experiment = args.experiment or args.name
     runs = plan(args)
-    store = _store_flags(args)
     if args.dry_run:
         for run in runs:
             print("python -m orchestrator.train " + " ".join(run.argv + ("--experiment", experiment)))
@@ -175,33 +184,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking_uri = mlflow_utils.resolve_tracking_uri(args.tracking_uri)
     done: list[str] = []
     for i, run in enumerate(runs, 1):
-        cl = mlflow_utils.client(tracking_uri) if i > 1 or _store_exists(tracking_uri) else None
-        previous = _finished(cl, experiment, run.key) if cl is not None else None
+        previous = _finished(tracking_uri, experiment, run.key)
         if previous:
             print(f"[{i}/{len(runs)}] {run.label}: done before (run {previous}), skipped", flush=True)
             done.append(previous)
             continue
         print(f"[{i}/{len(runs)}] {run.label}: python -m orchestrator.train {' '.join(run.argv)}", flush=True)
         code = train.main([*run.argv, "--experiment", experiment, "--tag", f"{KEY_TAG}={run.key}",
-                           "--tag", f"reproduce={args.name}", "--tag", f"reproduce_label={run.label}", *store])
-        if code:
-            return code
-        found = _finished(mlflow_utils.client(tracking_uri), experiment, run.key)
+                           "--tag", f"reproduce={args.name}", "--tag", f"reproduce_label={run.label}",
+                           *_store_flags(args)])
+        found = _finished(tracking_uri, experiment, run.key) if code == 0 else None
         if found is None:
-            raise RuntimeError(f"{run.label}: the train run did not finish")
+            raise RuntimeError(f"{run.label}: the train run did not finish (exit code {code})")
         done.append(found)
     out = args.out or str(defaults.default_output_dir(f"{DEFAULT_OUT}/{args.name}"))
     print(f"\ncomparing {len(done)} runs (orchestrator.compare) ...", flush=True)
     return compare.main(["--runs", *done, "--out", out, *(["--tracking-uri", args.tracking_uri]
                                                           if args.tracking_uri else [])])
-
-
-def _store_exists(uri: str) -> bool:
-    """False for an sqlite store whose file does not exist yet (reading it would create it)."""
-    from pathlib import Path
-
-    prefix = "sqlite:///"
-    return not uri.startswith(prefix) or Path(uri[len(prefix):]).exists()
 
 
 if __name__ == "__main__":
