@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "random", "grid")
@@ -53,6 +54,16 @@ def tpe_startup_trials(trials: int) -> int:
 def nsga2_population(trials: int) -> int:
     """NSGA-II's population: half the sweep (at least 2, Optuna's minimum; at most Optuna's default 50)."""
     return max(2, min(50, trials // 2))
+
+
+class TuneGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler for a study Tune drives by ask-and-tell. GridSampler.after_trial calls
+    `study.stop()` once the grid is exhausted, which is only allowed inside `study.optimize` and otherwise
+    raises in the middle of `tell` (Ray logs it as a warning; the trial's state is still stored). Tune already
+    runs exactly as many trials as the grid has settings (num_samples), so there is nothing to stop."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
 
 
 def grid_of(searched: Mapping[str, Any]) -> dict[str, list]:
@@ -105,7 +116,7 @@ def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives
     if kind == "grid":
         # GridSampler hands out unvisited combinations (running trials count as visited), so concurrent
         # trials never repeat one while any is left
-        return optuna.samplers.GridSampler({k: list(v) for k, v in (grid or {}).items()}, seed=seed)
+        return TuneGridSampler({k: list(v) for k, v in (grid or {}).items()}, seed=seed)
 
     if kind == "tpe":
         # multivariate: the parameters interact (sigma and the penalty weight, lr and epochs); Optuna's
