@@ -29,6 +29,7 @@ storage needs to be reachable from the driver only.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -54,6 +55,22 @@ def tpe_startup_trials(trials: int) -> int:
 def nsga2_population(trials: int) -> int:
     """NSGA-II's population: half the sweep (at least 2, Optuna's minimum; at most Optuna's default 50)."""
     return max(2, min(50, trials // 2))
+
+
+class TuneNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGAIISampler that pickles. Tune saves its searcher (sampler included) with pickle at every step
+    and on `--resume`; Optuna 5.1's genetic samplers hold a `threading.Lock`, which cannot be pickled (the sweep
+    died in Tuner() with "cannot pickle '_thread.lock' object"). The lock guards one process's threads, so a
+    fresh one is made on load."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 class TuneGridSampler(optuna.samplers.GridSampler):
@@ -132,7 +149,7 @@ def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives
                                             independent_sampler=optuna.samplers.RandomSampler(seed=seed),
                                             warn_independent_sampling=False)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=nsga2_population(trials))
+        return TuneNSGAIISampler(seed=seed, population_size=nsga2_population(trials))
     if kind == "random":   # the baseline of benchmarks/search_vs_random.py
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"unknown sampler {kind!r}; use one of {', '.join(SAMPLERS)}")
