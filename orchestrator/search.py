@@ -128,8 +128,6 @@ def make_sampler(kind: str, seed: int, trials: int, concurrency: int, objectives
     """The seeded Optuna sampler of a sweep of `trials` trials, `concurrency` at a time (see the module doc).
     `grid`: the values of `kind == "grid"` (grid_of). ValueError for an unknown kind or CMA-ES with two
     objectives."""
-    import optuna
-
     if kind == "grid":
         # GridSampler hands out unvisited combinations (running trials count as visited), so concurrent
         # trials never repeat one while any is left
@@ -195,15 +193,11 @@ def check_storage_url(url: str | None) -> None:
 
 def storage(url: str):
     """The Optuna RDB storage at `url` (sqlite:///..., postgresql://..., mysql://...)."""
-    import optuna
-
     return optuna.storages.RDBStorage(url)
 
 
 def load_study(storage_url: str, study_name: str):
     """The sweep's study, as optuna-dashboard and `compare`/`report` read it."""
-    import optuna
-
     return optuna.load_study(study_name=study_name, storage=storage_url)
 
 
@@ -211,8 +205,6 @@ def study_of_sweep(parent_run) -> tuple[Any, list[str]] | None:
     """(study, objective names) of a sweep's MLflow parent run, from the Optuna storage its params name
     (`optuna_storage`, `optuna_study`); None for a sweep that predates them or whose storage is unreachable
     from here (compare then rebuilds the study from the MLflow runs)."""
-    import optuna
-
     params = parent_run.data.params
     url, name = params.get("optuna_storage"), params.get("optuna_study")
     if not url or not name:
@@ -227,8 +219,6 @@ def study_of_sweep(parent_run) -> tuple[Any, list[str]] | None:
 def _set_metric_names(study, names: list[str]) -> None:
     """optuna-dashboard labels the objectives with these (experimental in Optuna, stable enough to label)."""
     import warnings
-
-    import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -280,7 +270,6 @@ class SweepSearch(OptunaSearch):
         - a trial the study holds as RUNNING that the restored searcher does not know was asked after the last
           save; Tune will not run it, so it is marked FAIL (user attr `orphaned`) instead of staying RUNNING in
           the dashboard forever."""
-        import optuna
 
         super().restore(checkpoint_path)
         storage_ = self._ot_study._storage
@@ -321,7 +310,6 @@ class SweepSearch(OptunaSearch):
                          and trial_id in self._ot_trials)
         if not stopped_early:
             return super().on_trial_complete(trial_id, result, error)
-        import optuna
 
         ot_trial = self._ot_trials[trial_id]
         if not isinstance(self.metric, list) and self.metric in result:
@@ -349,8 +337,6 @@ def build_searcher(kind: str, seed: int, trials: int, concurrency: int, objectiv
                            metric_names=list(objectives), points_to_evaluate=points_to_evaluate)
     # the study exists only once Tune hands the space over (set_search_properties); create it now so that
     # optuna-dashboard sees it from the start, with its attributes
-    import optuna
-
     study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
                                 directions=["maximize"] * len(objectives))
     if study.metric_names is None:

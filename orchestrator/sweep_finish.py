@@ -68,8 +68,8 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
     tests: dict[str, dict[str, float]] = {}                    # run id -> test metrics
     test_rows: dict[str, Any] = {}                             # run id -> certified rows
     cert_s = 0.0
-    # the picks; a grid sweep (a parameter study) certifies every setting, the picks first
-    to_certify = list(picks.items()) + ([(None, r) for r in completed] if getattr(args, "grid", None) else [])
+    grid = getattr(args, "grid", None)      # --sampler grid: a parameter study certifies every setting
+    to_certify = list(picks.items()) + ([(None, r) for r in completed] if grid else [])
     for proto, result in to_certify:
         if result is None or run_id_of(result) in tests:
             continue
@@ -132,8 +132,8 @@ def finish(cl, args, budget: Budget, objectives, space, dataset, splits, selecti
             mlflow_utils.log_file(cl, parent, path, "pareto_front.tsv")
 
     study_rows = []
-    if getattr(args, "grid", None):
-        study_rows = _parameter_study(cl, parent, args.grid, [(r.config, test_rows[run_id_of(r)]) for r in completed],
+    if grid:
+        study_rows = _parameter_study(cl, parent, grid, [(r.config, test_rows[run_id_of(r)]) for r in completed],
                                       radii, f"{name} on {dataset}: test certification, n={final_n}, "
                                       f"{len(selection.test_indices)} {selection.test_label} examples")
     sets = f"{len(selection.sel_indices)} validation examples"

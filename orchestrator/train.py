@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     final_n = args.certify_n or budget.final_n_for(name)
     final_examples = args.certify_examples or budget.final_examples_for(name)
-    tags = parse_sets(args.tag, "--tag") if args.tag else {}
+    tags = parse_sets(args.tag, "--tag")
     storage_uri = st.normalize(args.storage)
     try:
         st.filesystem(storage_uri)
