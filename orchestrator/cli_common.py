@@ -42,13 +42,15 @@ class Interrupted(KeyboardInterrupt):
 
 #: the first SIGTERM/SIGINT `run_main` saw (None: none); the exit code is 128 + it
 received_signal: int | None = None
+#: True once the handler raised Interrupted (not when a library's own handler took the signal)
+_raised = False
 
 
 def _on_signal(signum: int, frame) -> None:
     """First signal: raise Interrupted in the main thread, or, when a library has installed its own graceful
     SIGINT handler meanwhile (Ray Tune saves the experiment state on SIGINT so that --resume works), let that
     handler end the work. Second signal: exit at once."""
-    global received_signal
+    global received_signal, _raised
     name = signal.Signals(signum).name
     if received_signal is not None:
         print(f"{_prog}: {name} again: exiting at once (runs may be left RUNNING)", file=sys.stderr, flush=True)
@@ -58,7 +60,28 @@ def _on_signal(signum: int, frame) -> None:
     if signum == signal.SIGTERM and callable(current) and current is not _on_signal:
         current(signal.SIGINT, frame)       # e.g. Tune's handler: stop the trials, save state, return
         return
+    _raised = True
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted again for a signal whose exception was swallowed. Python runs a signal handler between
+    two bytecodes of the main thread; when those belong to a finalizer (a weakref callback, `__del__`) the
+    handler's exception is printed as "Exception ignored in ..." and the work goes on, so a SIGTERM could leave
+    a run training to the end (measured: the train command ran past its 90 s). Long loops call this at each
+    step; after a delivered exception no loop body runs again, so it raises at most once more."""
+    if _raised and received_signal is not None:
+        raise Interrupted(received_signal)
+
+
+def _unraisable(hook):
+    """sys.unraisablehook for run_main: an Interrupted a finalizer swallowed is not printed (a traceback would
+    break C7's one line; raise_if_interrupted delivers it again); anything else goes to `hook`."""
+    def quiet(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, Interrupted):
+            return
+        hook(unraisable)
+    return quiet
 
 
 _prog = "orchestrator"
@@ -88,11 +111,12 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     KILLED and shuts Ray down on the way out); then one line on stderr and exit code 143 (SIGTERM) / 130
     (SIGINT). A second signal exits at once. Handlers are installed only in the main thread and restored after.
     """
-    global received_signal, _prog, _running
+    global received_signal, _prog, _running, _raised
     _prog = prog or (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "orchestrator")
-    received_signal = None
+    received_signal, _raised = None, False
     outer, _running = _running, True
     previous = install_signal_handlers()
+    outer_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         code = main(argv)
         if received_signal is not None:   # a library (Tune) ended the work gracefully; main said how
@@ -108,6 +132,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 128 + signum
     finally:
         _running = outer
+        sys.unraisablehook = outer_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -213,6 +238,10 @@ def cluster_cpus_gpus() -> tuple[float, float]:
 
 
 # --- final certification --------------------------------------------------------------------------------------
+#: examples certified between two checks for a swallowed signal (raise_if_interrupted) in certify_split
+IN_PROCESS_CHUNK = 32
+
+
 def certify_split(model, dataset, indices: Sequence[int], *, split: str, n0: int, n: int, alpha: float,
                   batch: int, seed: int, out_dir: str | os.PathLike | None = None, device: str = "auto"):
     """Certified rows (CertRow list or Cohen DataFrame) of `dataset[i]` for i in `indices`.
@@ -235,11 +264,15 @@ def certify_split(model, dataset, indices: Sequence[int], *, split: str, n0: int
 
     trainable = (ckpt_io.load(model, device=resolve_device(device))[0] if isinstance(model, (str, os.PathLike))
                  else model)
-    items = [dataset[i] for i in indices]
-    xs = torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items])
-    labels = [int(it[1]) for it in items]
-    return trainable.certifier().certify_many(xs, labels, list(indices), n0=n0, n=n, alpha=alpha,
-                                              batch_size=batch, seed=seed)
+    certifier, rows, indices = trainable.certifier(), [], list(indices)
+    for start in range(0, len(indices), IN_PROCESS_CHUNK):   # (example i's noise is seeded by (seed, i): exact)
+        raise_if_interrupted()
+        chunk = indices[start:start + IN_PROCESS_CHUNK]
+        items = [dataset[i] for i in chunk]
+        xs = torch.stack([torch.as_tensor(it[0], dtype=torch.float32) for it in items])
+        rows += certifier.certify_many(xs, [int(it[1]) for it in items], chunk, n0=n0, n=n, alpha=alpha,
+                                       batch_size=batch, seed=seed)
+    return rows
 
 
 def format_table(rows: Sequence[tuple[str, Any]]) -> str:

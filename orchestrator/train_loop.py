@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from orchestrator import tracking
+from orchestrator.cli_common import raise_if_interrupted
 from orchestrator.data_parallel import check_world, ddp_wrap, epoch_batches, epoch_steps, sync_batchnorm
 from trainables.data import DataInfo
 
@@ -296,6 +297,7 @@ def run_training(cfg: LoopConfig, data: LoopData, session) -> dict[str, Any]:
         else:
             steps_iter = epoch_steps(n_train, batch_size, cfg.seed, epoch, session.rank, session.world)
         for idx, keys in steps_iter:
+            raise_if_interrupted()
             trainable.set_batch_keys(keys)
             if tensors is not None:
                 x, y, d = (t[idx] for t in tensors)

@@ -180,3 +180,39 @@ def test_sweep_sigterm_leaves_no_run_running(tmp_path):
         assert_session_ends(proc.pid, timeout=30)
     finally:
         kill_session(proc.pid)
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
+    """Python runs a signal handler between bytecodes of the main thread; if those are a finalizer's (here a
+    weakref callback, as in the full-suite failure of the TERM case above), the handler's Interrupted is printed
+    as "Exception ignored" and dropped. The training loop must still stop at its next step, KILLED, exit 143.
+    Injected: at the 2nd optimiser step a weakref callback sends this process SIGTERM."""
+    import weakref
+
+    from orchestrator import train
+    from orchestrator.cli_common import run_main
+    from trainables.gaussian import Gaussian
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    original, calls, keep = Gaussian.update, [], []
+
+    class Victim:
+        pass
+
+    def update(self, x, y, d):
+        calls.append(1)
+        if len(calls) == 2:
+            victim = Victim()
+            keep.append(weakref.ref(victim, lambda _ref: os.kill(os.getpid(), signal.SIGTERM)))
+            del victim            # the callback runs now, and the handler inside it
+        return original(self, x, y, d)
+
+    swallowed = []
+    monkeypatch.setattr(Gaussian, "update", update)
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type.__name__))
+    rc = run_main(train.main, ["gaussian", "--budget", "smoke", "--set", "batch_size=16", "--tracking-uri", uri])
+    assert keep and keep[0]() is None, "the injected finalizer did not run"
+    assert swallowed == [], "run_main's hook does not print the swallowed Interrupted (C7: one line)"
+    assert rc == 143 and len(calls) == 2, (rc, len(calls))     # stopped at the next step, not at the end
+    [run] = runs(uri)
+    assert run.info.status == "KILLED"
