@@ -113,6 +113,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     """
     global received_signal, _prog, _running, _raised
     _prog = prog or (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "orchestrator")
+    outer_signal = received_signal, _raised
     received_signal, _raised = None, False
     outer, _running = _running, True
     previous = install_signal_handlers()
@@ -132,6 +133,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 128 + signum
     finally:
         _running = outer
+        received_signal, _raised = outer_signal   # a signal belongs to this call: later callers must not see it
         sys.unraisablehook = outer_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
