@@ -46,6 +46,7 @@ _CHECKS = {
     # default None = "derived from another hyperparameter" (e.g. MACER's lambda from sigma), resolved by the trainable
     ">= 0 or None": lambda v: v is None or v >= 0,
     ">= 1 or None": lambda v: v is None or v >= 1,
+    "> 0 or None": lambda v: v is None or v > 0,
 }
 
 
