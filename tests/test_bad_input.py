@@ -228,23 +228,6 @@ def test_http_store_that_accepts_but_never_answers_times_out(ws, capsys, monkeyp
 
 
 # --- the value rules themselves -------------------------------------------------------------------------------
-def test_every_trainable_checkpoint_loads_with_weights_only(tmp_path):
-    """weights_only=True loads what `save` writes, for every registered trainable (the allow-list suffices)."""
-    from trainables.registry import TRAINABLES, get_trainable
-
-    for name in TRAINABLES:
-        cls = get_trainable(name)
-        if "mnist" not in cls.DATASETS and "cmnist" not in cls.DATASETS:
-            continue
-        info = MNIST_INFO if "mnist" in cls.DATASETS else CMNIST_INFO
-        trainable = cls({}, info, epochs=1)
-        path = checkpoint.save(tmp_path / f"{name}.pt", trainable, epoch=1)
-        loaded, blob = checkpoint.load(path)
-        assert blob["trainable"] == name
-        for k, v in trainable.net.state_dict().items():
-            assert torch.equal(v, loaded.net.state_dict()[k])
-
-
 def test_a_malicious_pickle_is_refused_and_never_executed(assets, tmp_path):
     root, _ = assets
     target = tmp_path / "PWNED"
